@@ -1,0 +1,235 @@
+"""The embedded Stripe sandbox: a Stripe-compatible server on loopback, seeded with realistic data.
+
+    with Sandbox() as sandbox:
+        client = stripe.StripeClient(sandbox.restricted_key,
+                                     base_addresses={"api": sandbox.api_url, "connect": sandbox.connect_url})
+        client.v1.charges.list({"limit": 3})
+
+It serves Stripe's read API for the tables MBI expects, Connect OAuth (so authorization runs end
+to end offline), Stripe's rate limits, latency and faults on demand.
+"""
+from __future__ import annotations
+
+import random
+import re
+import secrets
+import socket
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any, Mapping
+from urllib.parse import parse_qsl, urlsplit
+
+import requests
+import uvicorn
+
+from mbi_widgets.errors import SandboxError
+from mbi_widgets.sandbox.control import FaultPlan, Faults, RateLimits
+from mbi_widgets.sandbox.credentials import SandboxAccount, redact
+from mbi_widgets.sandbox.generator import DAY, History, scale_to_customers
+from mbi_widgets.sandbox.server import AccountSeed, SandboxState, build_app
+from mbi_widgets.sandbox.store import Dataset
+
+__all__ = ["Sandbox", "SandboxAccount", "RateLimits", "Faults"]
+
+#: The sandbox clock: data is generated as of this moment, whatever the wall clock says, so a
+#: seed always gives the same objects.
+DEFAULT_NOW = int(datetime(2026, 11, 1, tzinfo=UTC).timestamp())
+
+_ACCOUNT_PROFILES = (
+    ("Northwind Analytics", "owner@northwind-analytics.example", "US", "usd", "northwind-analytics.example"),
+    ("Brightwave Studio GmbH", "finance@brightwave-studio.example", "DE", "eur", "brightwave-studio.example"),
+)
+
+
+def _account_id(rng: random.Random) -> str:
+    return "acct_1" + "".join(rng.choices("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789", k=15))
+
+
+class Sandbox:
+    """A Stripe-compatible server on 127.0.0.1, run on a background thread.
+
+    `scale` is "demo" (a few hundred customers per account), "bench" (over 100,000 objects) or a
+    number of customers. `rate_limits` is None (unlimited), "test", "live" or a `RateLimits`;
+    `faults` a `Faults`. Keys and passwords are random per instance and never printed by repr.
+    """
+
+    def __init__(self, seed: int = 0, scale: str | int = "demo", latency_ms: float = 0,
+                 rate_limits: RateLimits | Mapping[str, float] | str | None = None,
+                 faults: Faults | None = None, *, port: int = 0, now: int | datetime | None = None,
+                 redirect_uris: tuple[str, ...] = ()) -> None:
+        self.seed, self.scale, self.latency_ms, self.port = seed, scale, latency_ms, port
+        customers = scale_to_customers(scale)
+        self.now = int(now.timestamp()) if isinstance(now, datetime) else int(now or DEFAULT_NOW)
+        rng = random.Random(seed)
+        platform = SandboxAccount(_account_id(rng), "mbi-widgets Platform", "platform@mbi-widgets.example",
+                                  _password(), "US", "usd", "mbi-widgets.example")
+        self.accounts: list[SandboxAccount] = []
+        seeds = []
+        for index, (name, email, country, currency, domain) in enumerate(_ACCOUNT_PROFILES):
+            account = SandboxAccount(_account_id(rng), name, email, _password(), country, currency, domain)
+            self.accounts.append(account)
+            seeds.append(AccountSeed(account, seed * 1_000 + index + 1, customers,
+                                     self.now - (800 + 40 * index) * DAY))
+        self.client_id = "ca_" + "".join(rng.choices("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", k=24))
+        self._state = SandboxState(platform=platform, seeds=seeds, now=self.now,
+                                   rate_limits=RateLimits.coerce(rate_limits), faults=FaultPlan(faults),
+                                   client_id=self.client_id)
+        self.platform_account_id = platform.id
+        self.secret_key = self._state.credentials.issue_secret(platform.id, platform=True)
+        self.restricted_key = self._state.credentials.issue_restricted(self.accounts[0].id)
+        for uri in redirect_uris:
+            self.register_redirect_uri(uri)
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._url: str | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> "Sandbox":
+        """Generates the first account's data and serves on a free loopback port; returns self."""
+        if self._thread is not None:
+            return self
+        self._state.dataset(self.accounts[0].id)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", self.port))
+        except OSError as exc:
+            sock.close()
+            raise SandboxError(f"the sandbox cannot listen on 127.0.0.1:{self.port} ({exc.strerror}); "
+                               "choose another port or pass port=0 for a free one") from exc
+        port = sock.getsockname()[1]
+        config = uvicorn.Config(build_app(self._state, latency_ms=self.latency_ms), log_level="warning",
+                                access_log=False, lifespan="off", http="httptools", loop="asyncio",
+                                timeout_graceful_shutdown=2, server_header=False)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
+                                        name=f"mbi-sandbox-{port}", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 15
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise SandboxError("the sandbox server did not start; see the log above for the cause")
+            time.sleep(0.01)
+        self._url = f"http://127.0.0.1:{port}"
+        return self
+
+    def stop(self) -> None:
+        """Stops serving; safe to call twice."""
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._server, self._thread, self._url = None, None, None
+
+    def __enter__(self) -> "Sandbox":
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._url is not None
+
+    @property
+    def api_url(self) -> str:
+        """Base URL of the API, for `StripeClient(base_addresses={"api": ...})`."""
+        if self._url is None:
+            raise SandboxError("the sandbox is not running: call start() or use it as a context manager")
+        return self._url
+
+    @property
+    def connect_url(self) -> str:
+        """Base URL of the Connect OAuth emulation (stands in for https://connect.stripe.com)."""
+        return self.api_url
+
+    # --- what tests and demos use ----------------------------------------------------------------
+
+    def account(self, which: int | str = 0) -> SandboxAccount:
+        """A seeded account by index or id."""
+        if isinstance(which, int):
+            return self.accounts[which]
+        for account in self.accounts:
+            if account.id == which:
+                return account
+        raise SandboxError(f"no seeded account {which!r}; the sandbox has {[a.id for a in self.accounts]}")
+
+    def history(self, account: int | str = 0) -> History:
+        """The generated facts behind an account's data (to check what the API serves)."""
+        return self._state.history(self.account(account).id)
+
+    def dataset(self, account: int | str = 0) -> Dataset:
+        return self._state.dataset(self.account(account).id)
+
+    def register_redirect_uri(self, uri: str) -> None:
+        """Registers an OAuth redirect URI for the platform (Connect requires an exact match)."""
+        self._state.connect.register_redirect_uri(uri)
+
+    def create_restricted_key(self, resources: set[str], account: int | str = 0) -> str:
+        """A restricted key for a seeded account that may read only `resources` (e.g. {"charges"})."""
+        return self._state.credentials.issue_restricted(self.account(account).id, resources)
+
+    def inject_fault(self, kind: str, count: int = 1, path: str | None = None) -> None:
+        """The next `count` requests (whose path starts with `path`, if given) get fault `kind`."""
+        self._state.faults.inject(kind, count, path)
+
+    def authorize(self, authorize_url: str, *, account: int | str = 0, deny: bool = False,
+                  password: str | None = None) -> str:
+        """Completes the Connect sign-in page over HTTP, as a person would; returns the redirect URL.
+
+        The URL is where the browser would be sent: the registered redirect URI with `code` and
+        `state`, or with `error=access_denied` when `deny` is set.
+        """
+        who = self.account(account)
+        with requests.Session() as session:
+            page = session.get(authorize_url, allow_redirects=False, timeout=10)
+            if page.status_code != 200:
+                raise SandboxError(f"the sandbox's authorize page answered {page.status_code}: "
+                                   f"{_text_of(page.text)}")
+            request_id = _hidden_request_id(page.text)
+            form = {"request": request_id, "action": "deny" if deny else "approve"}
+            if not deny:
+                form |= {"email": who.email, "password": password if password is not None else who.password}
+            answer = session.post(f"{self.connect_url}/oauth/authorize", data=form, allow_redirects=False,
+                                  timeout=10)
+        if answer.status_code != 302:
+            raise SandboxError(f"signing in on the sandbox's Connect page failed ({answer.status_code}): "
+                               f"{_text_of(answer.text)}")
+        return answer.headers["location"]
+
+    def connection_info(self) -> dict[str, Any]:
+        """What `mbi-widgets sandbox` prints: URLs, test keys and the seeded accounts."""
+        return {"api_url": self.api_url, "connect_url": self.connect_url, "secret_key": self.secret_key,
+                "client_id": self.client_id, "restricted_key": self.restricted_key,
+                "platform_account": self.platform_account_id,
+                "accounts": [account.public() for account in self.accounts]}
+
+    def __repr__(self) -> str:
+        where = self._url or "not running"
+        return (f"Sandbox({where}, seed={self.seed}, scale={self.scale!r}, secret_key={redact(self.secret_key)}, "
+                f"restricted_key={redact(self.restricted_key)})")
+
+
+def _password() -> str:
+    return secrets.token_urlsafe(12)
+
+
+def _hidden_request_id(page: str) -> str:
+    marker = 'name="request" value="'
+    start = page.find(marker)
+    if start < 0:
+        raise SandboxError("the sandbox's authorize page has no sign-in form")
+    start += len(marker)
+    return page[start:page.index('"', start)]
+
+
+def _text_of(page: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", re.sub(r"(?s)<style.*?</style>", "", page))).strip()[:300]
+
+
+def parse_redirect(location: str) -> dict[str, str]:
+    """The query parameters of an OAuth redirect."""
+    return dict(parse_qsl(urlsplit(location).query))

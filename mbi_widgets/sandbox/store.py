@@ -1,0 +1,202 @@
+"""Pre-serialised collections of one account's Stripe objects, and Stripe's list semantics over them.
+
+Objects are rendered and serialised once, when the dataset is built; serving a list page only
+slices and joins bytes. A record keeps the few attributes lists filter on, and where its
+`customer` id sits in the bytes so that `expand[]=data.customer` is a splice, not a re-render.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import orjson
+
+from mbi_widgets.sandbox import render
+from mbi_widgets.sandbox.generator import History
+
+_CUSTOMER_MARK = "\x01customer-reference\x01"
+_CUSTOMER_MARK_JSON = orjson.dumps(_CUSTOMER_MARK)
+
+
+@dataclass(slots=True)
+class Record:
+    id: str
+    created: int
+    body: bytes
+    attrs: dict[str, object] = field(default_factory=dict)
+    #: Byte span of the top-level `customer` value inside `body`, for expansion.
+    customer_span: tuple[int, int] | None = None
+
+
+def serialise(obj: dict, attrs: dict[str, object] | None = None, *, expandable: bool = False) -> Record:
+    """A record for a rendered object; `expandable` remembers where its customer id sits."""
+    attrs = attrs or {}
+    if not expandable or obj.get("customer") is None:
+        return Record(obj["id"], obj.get("created", 0), orjson.dumps(obj), attrs)
+    customer_id = obj["customer"]
+    obj["customer"] = _CUSTOMER_MARK
+    raw = orjson.dumps(obj)
+    obj["customer"] = customer_id
+    start = raw.index(_CUSTOMER_MARK_JSON)
+    value = orjson.dumps(customer_id)
+    body = raw[:start] + value + raw[start + len(_CUSTOMER_MARK_JSON):]
+    return Record(obj["id"], obj.get("created", 0), body, attrs, (start, start + len(value)))
+
+
+@dataclass(slots=True)
+class Page:
+    records: list[Record]
+    has_more: bool
+
+
+class Collection:
+    """Records in list order (newest first for top-level lists, Stripe's order for sub-lists)."""
+
+    def __init__(self, records: Iterable[Record], *, newest_first: bool = True) -> None:
+        items = list(records)
+        if newest_first:
+            items.sort(key=lambda r: (r.created, r.id), reverse=True)
+        self.records = items
+        self.position = {record.id: index for index, record in enumerate(items)}
+        self._neg_created = [-record.created for record in items] if newest_first else None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def get(self, object_id: str) -> Record | None:
+        index = self.position.get(object_id)
+        return None if index is None else self.records[index]
+
+    def created_bounds(self, gt: int | None, gte: int | None, lt: int | None, lte: int | None) -> tuple[int, int]:
+        """The index range [lo, hi) of records whose `created` lies in the window."""
+        lo, hi = 0, len(self.records)
+        if self._neg_created is None:
+            return lo, hi
+        neg = self._neg_created
+        if lte is not None:
+            lo = max(lo, bisect.bisect_left(neg, -lte))
+        if lt is not None:
+            lo = max(lo, bisect.bisect_right(neg, -lt))
+        if gte is not None:
+            hi = min(hi, bisect.bisect_right(neg, -gte))
+        if gt is not None:
+            hi = min(hi, bisect.bisect_left(neg, -gt))
+        return lo, hi
+
+    def page(self, *, limit: int, lo: int = 0, hi: int | None = None, starting_after: str | None = None,
+             ending_before: str | None = None, keep: Callable[[Record], bool] | None = None) -> Page:
+        """One list page. Cursors must exist (the caller checks); `keep` filters records."""
+        hi = len(self.records) if hi is None else hi
+        if starting_after is not None:
+            lo = max(lo, self.position[starting_after] + 1)
+        if ending_before is not None:
+            hi = min(hi, self.position[ending_before])
+            return self._page_backward(limit, lo, hi, keep)
+        if keep is None:
+            return Page(self.records[lo:min(hi, lo + limit)], lo + limit < hi)
+        found: list[Record] = []
+        for index in range(lo, hi):
+            record = self.records[index]
+            if keep(record):
+                if len(found) == limit:
+                    return Page(found, True)
+                found.append(record)
+        return Page(found, False)
+
+    def _page_backward(self, limit: int, lo: int, hi: int, keep: Callable[[Record], bool] | None) -> Page:
+        if keep is None:
+            start = max(lo, hi - limit)
+            return Page(self.records[start:hi] if hi > lo else [], start > lo)
+        found: list[Record] = []
+        for index in range(hi - 1, lo - 1, -1):
+            record = self.records[index]
+            if keep(record):
+                if len(found) == limit:
+                    found.reverse()
+                    return Page(found, True)
+                found.append(record)
+        found.reverse()
+        return Page(found, False)
+
+
+@dataclass
+class Dataset:
+    """Everything one account serves: top-level collections and per-parent sub-lists."""
+
+    account: bytes
+    collections: dict[str, Collection]
+    #: kind -> parent id -> sub-list, e.g. children["invoice_lines"]["in_..."].
+    children: dict[str, dict[str, Collection]]
+    now: int
+
+    def count(self, name: str) -> int:
+        return len(self.collections[name])
+
+
+def build_dataset(history: History) -> Dataset:
+    """Renders a history as of its `now` and serialises every object once."""
+    now = history.now
+    lines: dict[str, Collection] = {}
+    items: dict[str, Collection] = {}
+    refunds_by_charge: dict[str, Collection] = {}
+
+    customers = [serialise(render.customer(c, now), {"email": c.email}) for c in history.customers]
+    charges = []
+    for ch in history.charges:
+        charges.append(serialise(render.charge(ch, now), {"customer": ch.customer.id}, expandable=True))
+        if ch.refunds:
+            refunds_by_charge[ch.id] = Collection(
+                [serialise(render.refund(r)) for r in reversed(ch.refunds)], newest_first=False)
+    invoices = []
+    for inv in history.invoices:
+        sub_id = inv.subscription.id if inv.subscription else None
+        body = render.invoice(inv, now)
+        invoices.append(serialise(body, {"customer": inv.customer.id, "status": body["status"],
+                                         "subscription": sub_id}, expandable=True))
+        lines[inv.id] = Collection([serialise(render.invoice_line(line, inv)) for line in inv.lines],
+                                   newest_first=False)
+    subscriptions = []
+    for sub in history.subscriptions:
+        body = render.subscription(sub, now)
+        prices = {item.plan.id for item in sub.items}
+        subscriptions.append(serialise(body, {"customer": sub.customer.id, "status": body["status"],
+                                              "prices": prices}, expandable=True))
+        items[sub.id] = Collection([serialise(render.subscription_item(item, sub, now)) for item in sub.items],
+                                   newest_first=False)
+    collections = {
+        "customers": Collection(customers),
+        "charges": Collection(charges),
+        "coupons": Collection(serialise(render.coupon(c, now)) for c in history.coupons),
+        "invoices": Collection(invoices),
+        "plans": Collection(serialise(render.plan(p), {"product": p.product.id, "active": p.active})
+                            for p in history.plans),
+        "prices": Collection(serialise(render.price(p), {"product": p.product.id, "active": p.active})
+                             for p in history.plans),
+        "products": Collection(serialise(render.product(p, now), {"active": p.active})
+                               for p in history.products),
+        "subscriptions": Collection(subscriptions),
+        "refunds": Collection(serialise(render.refund(r), {"charge": r.charge.id}) for r in history.refunds),
+        "events": Collection(serialise(render.event(e), {"type": e.type}) for e in history.events),
+    }
+    return Dataset(
+        account=orjson.dumps(render.account(history.account)),
+        collections=collections,
+        children={"invoice_lines": lines, "subscription_items": items, "charge_refunds": refunds_by_charge},
+        now=now,
+    )
+
+
+def list_body(url: str, records: list[Record], has_more: bool, expand_customer: Callable[[Record], bytes] | None = None) -> bytes:
+    """The bytes of a Stripe list object over `records`."""
+    bodies = [record.body for record in records] if expand_customer is None else [expand_customer(r) for r in records]
+    return b"".join((b'{"object":"list","data":[', b",".join(bodies), b'],"has_more":',
+                     b"true" if has_more else b"false", b',"url":', orjson.dumps(url), b"}"))
+
+
+def with_customer(record: Record, customer_body: bytes | None) -> bytes:
+    """`record.body` with its customer id replaced by the customer object."""
+    if record.customer_span is None or customer_body is None:
+        return record.body
+    start, end = record.customer_span
+    return record.body[:start] + customer_body + record.body[end:]

@@ -1,0 +1,24 @@
+"""Shared fixtures: one demo-scale sandbox per test session, and clients pointed at it."""
+from __future__ import annotations
+
+import pytest
+import stripe
+
+from mbi_widgets import Sandbox
+
+
+@pytest.fixture(scope="session")
+def sandbox():
+    with Sandbox(seed=0, scale="demo") as running:
+        yield running
+
+
+def make_client(sandbox: Sandbox, key: str, **options) -> stripe.StripeClient:
+    return stripe.StripeClient(key, base_addresses={"api": sandbox.api_url, "connect": sandbox.connect_url},
+                               **options)
+
+
+@pytest.fixture
+def client(sandbox):
+    """stripe-python 16 on the restricted key of the first seeded account."""
+    return make_client(sandbox, sandbox.restricted_key)

@@ -20,7 +20,7 @@ HOUR = 3_600
 HISTORY_DAYS = 730
 #: Stripe keeps events listable for this long.
 EVENT_WINDOW_DAYS = 30
-SCALES = {"demo": 300, "bench": 6_000}
+SCALES = {"demo": 300, "bench": 7_000}
 
 _ID_ALPHABET = string.ascii_letters + string.digits
 

@@ -7,39 +7,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Awaitable, Callable, Mapping
 
 import orjson
 
+from mbi_widgets.ratelimits import RateLimits, TokenBucket
+
 FAULT_KINDS = frozenset({"500", "502", "503", "drop", "slow"})
-
-
-@dataclass(frozen=True)
-class RateLimits:
-    """Requests per second allowed per account and per endpoint (Stripe's defaults by mode)."""
-
-    per_account: float = 25.0
-    per_endpoint: float = 25.0
-
-    @classmethod
-    def test_mode(cls) -> "RateLimits":
-        return cls(per_account=25, per_endpoint=25)
-
-    @classmethod
-    def live_mode(cls) -> "RateLimits":
-        return cls(per_account=100, per_endpoint=25)
-
-    @classmethod
-    def coerce(cls, value: "RateLimits | Mapping[str, float] | str | None") -> "RateLimits | None":
-        if value is None or isinstance(value, RateLimits):
-            return value
-        if value == "test":
-            return cls.test_mode()
-        if value == "live":
-            return cls.live_mode()
-        if isinstance(value, Mapping):
-            return cls(**value)
-        raise ValueError(f"rate_limits must be None, 'test', 'live', a RateLimits or a dict, not {value!r}")
 
 
 @dataclass
@@ -66,37 +40,30 @@ class Faults:
             raise ValueError("Faults.rate is a probability between 0 and 1")
 
 
-class TokenBuckets:
-    """One token bucket per key, refilled at `rate` per second, holding at most one second's worth."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self._buckets: dict[Any, tuple[float, float]] = {}
-
-    def take(self, key: Any, now: float | None = None) -> bool:
-        now = time.monotonic() if now is None else now
-        tokens, last = self._buckets.get(key, (self.rate, now))
-        tokens = min(self.rate, tokens + (now - last) * self.rate)
-        if tokens < 1:
-            self._buckets[key] = (tokens, now)
-            return False
-        self._buckets[key] = (tokens - 1, now)
-        return True
-
-
 class RateLimiter:
+    """Stripe's limits on the server side: one bucket per account and one per (account, endpoint)."""
+
     def __init__(self, limits: RateLimits) -> None:
         self.limits = limits
-        self._accounts = TokenBuckets(limits.per_account)
-        self._endpoints = TokenBuckets(limits.per_endpoint)
+        self._buckets: dict[tuple[str, str | None], TokenBucket] = {}
+
+    def _bucket(self, account: str, endpoint: str | None) -> TokenBucket:
+        key = (account, endpoint)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            rate = self.limits.per_account if endpoint is None else self.limits.per_endpoint
+            bucket = self._buckets[key] = TokenBucket(rate)
+        return bucket
 
     def check(self, account: str, endpoint: str) -> str | None:
         """None when the request may go ahead, else Stripe's `Stripe-Rate-Limited-Reason`."""
         now = time.monotonic()
-        if not self._endpoints.take((account, endpoint), now):
+        endpoint_bucket, account_bucket = self._bucket(account, endpoint), self._bucket(account, None)
+        if endpoint_bucket.wait_time(now) > 0:
             return "endpoint-rate"
-        if not self._accounts.take(account, now):
+        if not account_bucket.take(now):
             return "global-rate"
+        endpoint_bucket.take(now)
         return None
 
 

@@ -14,6 +14,9 @@ _EXPORTS = {
     "RateLimits": "mbi_widgets.sandbox",
     "Faults": "mbi_widgets.sandbox",
     "MbiError": "mbi_widgets.errors",
+    "StripeSource": "mbi_widgets.tables.source",
+    "EXPECTED_TABLES": "mbi_widgets.tables.schema",
+    "CHILD_TABLES": "mbi_widgets.tables.schema",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -21,6 +24,8 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:  # pragma: no cover
     from mbi_widgets.errors import MbiError
     from mbi_widgets.sandbox import Faults, RateLimits, Sandbox
+    from mbi_widgets.tables.schema import CHILD_TABLES, EXPECTED_TABLES
+    from mbi_widgets.tables.source import StripeSource
 
 
 def __getattr__(name: str) -> Any:

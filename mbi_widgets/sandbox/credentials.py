@@ -9,17 +9,11 @@ import secrets
 import threading
 from dataclasses import dataclass, field
 
+from mbi_widgets.redaction import redact
+
 #: Resources a key can be granted read access to (Stripe groups them the same way).
 RESOURCES = frozenset({"customers", "charges", "coupons", "invoices", "plans", "prices", "products",
                        "subscriptions", "refunds", "events", "account"})
-
-
-def redact(key: str) -> str:
-    """`rk_test_1234****abcd`: enough to recognise a key, never enough to use it."""
-    prefix, _, rest = key.rpartition("_")
-    if len(rest) < 12:
-        return f"{prefix}_****"
-    return f"{prefix}_{rest[:4]}****{rest[-4:]}"
 
 
 def _token(prefix: str, length: int = 32) -> str:

@@ -1,0 +1,186 @@
+"""`StripeSource`: the expected Stripe tables as pandas DataFrames, complete and as fast as the rate limits allow."""
+from __future__ import annotations
+
+import hashlib
+import threading
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, Mapping
+
+import pandas as pd
+import stripe
+
+from mbi_widgets.ratelimits import RateLimits
+from mbi_widgets.redaction import redact
+from mbi_widgets.tables.fetch import (
+    STRIPE_EPOCH,
+    ChildPlan,
+    Fetcher,
+    Job,
+    PermissionDenied,
+    RateBudget,
+    RetryPolicy,
+    StripeSourceError,
+    TablePlan,
+    Transport,
+)
+from mbi_widgets.tables.schema import ALL_TABLES, CHILD_TABLES, EXPECTED_TABLES, TableSchema, schema
+from mbi_widgets.tables.shape import Shaper
+
+Progress = Callable[[int, "int | None"], None]
+
+
+def _check_key(api_key: str) -> None:
+    if api_key.startswith("pk_"):
+        raise StripeSourceError(
+            "That is a publishable key (pk_...), which cannot read data. In the Stripe dashboard, open "
+            "Developers > API keys, create a restricted key with Read access to the resources you need, "
+            "and use the rk_... key.", code="publishable_key")
+    if not api_key.startswith(("sk_", "rk_")):
+        raise StripeSourceError("That does not look like a Stripe key: expected an rk_... restricted key, an sk_... "
+                                "secret key or an OAuth access token.", code="invalid_key")
+
+
+class StripeSource:
+    """Reads the expected Stripe tables of one account.
+
+    Give an API key (a restricted `rk_` key, a secret key or an OAuth access token) or a ready
+    `stripe.StripeClient`; `account` sets the `Stripe-Account` header; `api_base` points at
+    another Stripe-compatible server (the sandbox). Nothing is stored at module level, so any
+    number of sources for different accounts live side by side.
+    """
+
+    def __init__(self, api_key: str | None = None, *, client: stripe.StripeClient | None = None,
+                 account: str | None = None, api_base: str | None = None,
+                 rate_limits: RateLimits | Mapping[str, float] | str | None = None, workers: int = 16,
+                 retry: RetryPolicy | None = None) -> None:
+        if client is None:
+            if not api_key:
+                raise StripeSourceError("StripeSource needs an api_key (rk_..., sk_... or an OAuth access token) "
+                                        "or a stripe.StripeClient.", code="missing_key")
+            _check_key(api_key)
+            client = stripe.StripeClient(api_key, base_addresses={"api": api_base} if api_base else None,
+                                         max_network_retries=0)
+        elif api_key:
+            raise StripeSourceError("Give either api_key or client, not both.", code="ambiguous_credentials")
+        self._client = client
+        account = account or client._requestor.stripe_account  # noqa: SLF001
+        self._account = account
+        key = client._requestor.api_key or ""  # noqa: SLF001 - read only to pick the mode and fingerprint
+        self._key_hint = redact(key) if key else "(client)"
+        self._api_base = api_base or client._requestor.base_addresses.get("api") or "https://api.stripe.com"  # noqa: SLF001
+        limits = RateLimits.coerce(rate_limits) or RateLimits.for_key(key)
+        identity = account or "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+        self._budget = RateBudget.shared((self._api_base, identity), limits)
+        self._transport = Transport(client, account)
+        self._retry = retry or RetryPolicy()
+        self._workers = max(1, workers)
+        self._floor: int | None = None
+        self._floor_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        account = f", account={self._account}" if self._account else ""
+        return f"StripeSource(key={self._key_hint}{account}, api={self._api_base})"
+
+    @property
+    def rate_limits(self) -> RateLimits:
+        return self._budget.limits
+
+    # --- public API ------------------------------------------------------------------------
+
+    def schema(self, table: str) -> TableSchema:
+        """The expected columns of a table, with dtypes and primary key."""
+        return schema(table)
+
+    def preview(self, table: str, rows: int = 100) -> pd.DataFrame:
+        """The newest rows of a table: one request when rows <= 100 (child tables: from one parent page)."""
+        if rows < 1:
+            raise ValueError("rows must be at least 1")
+        target = schema(table)
+        parent = schema(target.parent) if target.parent else target
+        plan = self._plan(parent, since=None, children=[table] if target.parent else [])
+        fetcher = self._fetcher()
+        collected: dict[str, Any] = {}
+        job = Job(fetcher=fetcher, plans=[plan], workers=1, floor=self._account_floor, progress=None)
+        after = None
+        while True:
+            payload = fetcher.get(parent.name, plan.path, plan.params(limit=min(100, rows), after=after))
+            job._absorb(plan, payload["data"])  # noqa: SLF001 - same shaping as full loads
+            collected = job.collected
+            have = len(collected[table].rows)
+            if target.parent or have >= rows or not payload["has_more"] or not payload["data"]:
+                break
+            after = payload["data"][-1]["id"]
+        return self._frame(target, collected[table].sorted_rows()[:rows])
+
+    def table(self, table: str, *, since: datetime | None = None, progress: Progress | None = None) -> pd.DataFrame:
+        """The whole table, or every object created since `since`; never silently short."""
+        return self.tables([table], since=since, progress=progress)[table]
+
+    def tables(self, names: Iterable[str] | None = None, *, since: datetime | None = None,
+               progress: Progress | None = None) -> dict[str, pd.DataFrame]:
+        """Several tables fetched concurrently under this account's one rate budget.
+
+        Child tables come from their parents' embedded lists (fetched separately only when a
+        list says `has_more`); asking for a child table fetches its parent too.
+        """
+        wanted = list(EXPECTED_TABLES + CHILD_TABLES if names is None else names)
+        for name in wanted:
+            schema(name)  # raises UnknownTableError with the valid names
+        parents: dict[str, list[str]] = {}
+        for name in wanted:
+            target = schema(name)
+            parents.setdefault(target.parent or name, [])
+            if target.parent:
+                parents[target.parent].append(name)
+        since_ts = _timestamp(since)
+        plans = [self._plan(schema(parent), since=since_ts, children=children) for parent, children in parents.items()]
+        job = Job(fetcher=self._fetcher(), plans=plans, workers=self._workers, floor=self._account_floor,
+                  progress=progress)
+        job.fetcher.cancelled = lambda: job._error is not None  # noqa: SLF001 - stop sleeping retries early
+        collected = job.run()
+        return {name: self._frame(schema(name), collected[name].sorted_rows()) for name in wanted}
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _fetcher(self) -> Fetcher:
+        return Fetcher(self._transport, self._budget, self._retry)
+
+    def _plan(self, table: TableSchema, *, since: int | None, children: list[str]) -> TablePlan:
+        fixed: dict[str, Any] = dict(table.list_params)
+        if table.name == "charges":
+            fixed["expand"] = ["data.refunds"]  # not embedded by default since API version 2022-11-15
+        child_plans = [self._child_plan(schema(child)) for child in children]
+        return TablePlan(table.name, table.endpoint, Shaper(table), fixed, since, child_plans)
+
+    @staticmethod
+    def _child_plan(child: TableSchema) -> ChildPlan:
+        if child.embedded_field == "items":
+            return ChildPlan(child.name, "items", Shaper(child), lambda _: "/v1/subscription_items",
+                             lambda parent_id: {"subscription": parent_id})
+        return ChildPlan(child.name, child.embedded_field or "", Shaper(child),
+                         child.child_endpoint, lambda _: {})
+
+    def _frame(self, table: TableSchema, rows: list[dict]) -> pd.DataFrame:
+        return Shaper(table).frame(rows)
+
+    def _account_floor(self) -> int:
+        """The account's creation time: the lower bound used to split `created` ranges."""
+        with self._floor_lock:
+            if self._floor is None:
+                try:
+                    account = self._fetcher().get("account", "/v1/account", {})
+                    self._floor = int(account.get("created") or STRIPE_EPOCH)
+                except PermissionDenied:
+                    self._floor = STRIPE_EPOCH  # a restricted key without account access: split from 2011
+            return self._floor
+
+
+def _timestamp(moment: datetime | None) -> int | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return int(moment.timestamp())
+
+
+__all__ = ["StripeSource", "EXPECTED_TABLES", "CHILD_TABLES", "ALL_TABLES"]

@@ -25,6 +25,9 @@ from mbi_widgets.ratelimits import RateLimits, TokenBucket
 STRIPE_EPOCH = 1_293_840_000
 #: Windows narrower than this (seconds) are not split further.
 MIN_SPLIT_SPAN = 2
+#: A window is split only when it is estimated to hold at least this many more objects, so
+#: that splitting saves more requests than it costs (each new window costs a partial page).
+MIN_SPLIT_OBJECTS = 400
 
 
 class StripeSourceError(MbiError):
@@ -148,12 +151,37 @@ def _error_message(payload: Any) -> str:
     return "no error message"
 
 
+@dataclass
+class FetchStats:
+    """What a fetch cost: requests sent, retries, and how the work was split."""
+
+    requests: int = 0
+    rate_limited: int = 0
+    retried: int = 0
+    windows: int = 0
+    child_requests: int = 0
+    seconds: float = 0.0
+    by_endpoint: dict[str, int] = field(default_factory=dict)
+
+    def floor_seconds(self, limits: RateLimits) -> float:
+        """The least time these requests could take under `limits` (the rate-limit ceiling)."""
+        busiest = max(self.by_endpoint.values(), default=0)
+        return max(self.requests / limits.per_account, busiest / limits.per_endpoint)
+
+
 class Fetcher:
     """One GET with retries under the shared budget; raises our errors, never a short result."""
 
     def __init__(self, transport: Transport, budget: RateBudget, retry: RetryPolicy,
                  cancelled: Callable[[], bool] = lambda: False) -> None:
         self.transport, self.budget, self.retry, self.cancelled = transport, budget, retry, cancelled
+        self.stats = FetchStats()
+        self._stats_lock = threading.Lock()
+
+    def _count(self, **increments: int) -> None:
+        with self._stats_lock:
+            for name, value in increments.items():
+                setattr(self.stats, name, getattr(self.stats, name) + value)
 
     def get(self, table: str, path: str, params: Mapping[str, Any], endpoint: str | None = None) -> dict:
         transient = rate_limited = 0
@@ -162,6 +190,10 @@ class Fetcher:
             if self.cancelled():
                 raise StripeSourceError(f"fetching {table} was cancelled", code="cancelled")
             self.budget.acquire(endpoint or path)
+            self._count(requests=1)
+            with self._stats_lock:
+                key = endpoint or path
+                self.stats.by_endpoint[key] = self.stats.by_endpoint.get(key, 0) + 1
             try:
                 status, payload, headers = self.transport.get(path, params)
             except stripe.StripeError as exc:  # connection refused, reset, dropped mid-body, timeout
@@ -171,6 +203,7 @@ class Fetcher:
                 return payload
             if status == 429:
                 rate_limited += 1
+                self._count(rate_limited=1)
                 self.budget.rate_limited()
                 if rate_limited > self.retry.max_rate_limited:
                     raise FetchError(f"Stripe kept rate-limiting requests for {table} ({rate_limited} times at "
@@ -181,6 +214,7 @@ class Fetcher:
                 continue
             if status == 0 or status >= 500:
                 transient += 1
+                self._count(retried=1)
                 last_error = last_error if status == 0 else f"HTTP {status}: {_error_message(payload)}"
                 if transient > self.retry.max_transient:
                     raise FetchError(f"could not fetch {table} at {path} with {dict(params)} after {transient} "
@@ -215,11 +249,21 @@ class Window:
     pages: int = 0
     busy: bool = False
     done: bool = False
+    #: Objects per second of `created`, measured on the last full page.
+    density: float = 0.0
 
     def span(self, floor: int) -> int:
         if self.top is None:
             return 0
         return self.top - (self.lo if self.lo is not None else floor)
+
+    def remaining(self, floor: int) -> float:
+        """Estimated objects left, assuming the density seen so far."""
+        return self.density * self.span(floor)
+
+    def observe(self, data: list[dict]) -> None:
+        if len(data) >= 2:
+            self.density = len(data) / max(1, data[0]["created"] - data[-1]["created"])
 
 
 @dataclass
@@ -275,12 +319,14 @@ class Job:
     # --- scheduling ------------------------------------------------------------------------
 
     def run(self) -> dict[str, Collected]:
+        started = time.perf_counter()
         threads = [threading.Thread(target=self._worker, name=f"mbi-fetch-{i}", daemon=True)
                    for i in range(self.workers)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
+        self.fetcher.stats.seconds = time.perf_counter() - started
         if self._error is not None:
             raise self._error
         return self.collected
@@ -329,17 +375,19 @@ class Job:
     def _split(self) -> Window | None:
         """Halves the window with the most time left; the idle worker takes the older half."""
         floor = self._floor if self._floor is not None else STRIPE_EPOCH
-        candidates = [w for w in self._windows if not w.done and w.pages > 0 and w.span(floor) > MIN_SPLIT_SPAN]
+        candidates = [w for w in self._windows if not w.done and w.pages > 0 and w.span(floor) > MIN_SPLIT_SPAN
+                      and w.remaining(floor) >= MIN_SPLIT_OBJECTS]
         if not candidates:
             return None
-        widest = max(candidates, key=lambda w: w.span(floor))
+        widest = max(candidates, key=lambda w: w.remaining(floor))
         low = widest.lo if widest.lo is not None else min(floor, widest.top - MIN_SPLIT_SPAN * 2)
         middle = (low + widest.top) // 2
         if middle <= low or (widest.lo is not None and middle <= widest.lo):
             return None
-        older = Window(widest.table, widest.lo, middle, top=middle - 1, busy=True)
+        older = Window(widest.table, widest.lo, middle, top=middle - 1, busy=True, density=widest.density)
         widest.lo = middle
         self._windows.append(older)
+        self.fetcher._count(windows=1)
         return older
 
     # --- work --------------------------------------------------------------------------------
@@ -361,6 +409,8 @@ class Job:
             if self._floor is None:
                 self._floor = self._floor_fn()
             window = Window(table, plan.since, None, after=last["id"], top=last["created"], pages=1)
+            window.observe(payload["data"])
+            self.fetcher._count(windows=1)
             with self._lock:
                 self._windows.append(window)
 
@@ -377,6 +427,7 @@ class Job:
             window.busy = False
             if data:
                 window.after, window.top = data[-1]["id"], data[-1]["created"]
+                window.observe(data)
             if not payload["has_more"] or not data:
                 window.done = True
 
@@ -385,6 +436,7 @@ class Job:
         if task.after:
             params["starting_after"] = task.after
         payload = self.fetcher.get(task.table, task.path, params, endpoint=task.path.split("?")[0])
+        self.fetcher._count(child_requests=1)
         child = self._child_plan(task.table)
         self._store(child.name, [(child.shaper.row(obj, task.parent_id), obj["id"],
                                   (*task.parent_order, -(task.position + index)))

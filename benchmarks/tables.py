@@ -1,0 +1,111 @@
+"""How close StripeSource gets to Stripe's rate-limit ceiling, against the sandbox playing Stripe.
+
+    python -m benchmarks.tables [--latency-ms 300] [--seconds 10]
+
+The sandbox runs in its own process at scale "bench", enforcing Stripe's rate limits and adding
+per-request latency like api.stripe.com. Compared, in one run:
+- a plain sequential pager (stripe-python's `auto_paging_iter`, one request at a time);
+- `StripeSource.table("charges")` (one table: at most 25 pages/s per endpoint);
+- `StripeSource.tables()` (all tables at once under one budget: 25 requests/s per account in
+  test mode, 100/s in live mode, and still 25/s per endpoint);
+each reported against the least time Stripe's limits allow for the requests it made;
+and, CPU only, the cost of shaping a page into columns next to parsing it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import orjson
+import requests
+import stripe
+
+from mbi_widgets.tables.schema import schema
+from mbi_widgets.tables.shape import Shaper
+from mbi_widgets.tables.source import StripeSource
+
+
+def start_sandbox(rate_limits: str, latency_ms: float) -> tuple[subprocess.Popen, dict]:
+    process = subprocess.Popen([sys.executable, "-m", "mbi_widgets.cli", "sandbox", "--scale", "bench",
+                                "--rate-limits", rate_limits, "--latency-ms", str(latency_ms)],
+                               stdout=subprocess.PIPE, text=True)
+    return process, json.loads(process.stdout.readline())
+
+
+def sequential_pager(info: dict, seconds: float) -> float:
+    """Objects/s of stripe-python's auto-pager, the way most scripts read a table."""
+    client = stripe.StripeClient(info["restricted_key"], base_addresses={"api": info["api_url"]})
+    started, count = time.perf_counter(), 0
+    for _ in client.v1.charges.list({"limit": 100}).auto_paging_iter():
+        count += 1
+        if count % 100 == 0 and time.perf_counter() - started > seconds:
+            break
+    return count / (time.perf_counter() - started)
+
+
+def shaping_cost(info: dict) -> tuple[float, float, float]:
+    """Milliseconds per page of 100 charges: orjson parse, our shaping (rows per page, the frame
+    built once per table and spread over 50 pages), and stripe-python's StripeObjects."""
+    body = requests.get(f"{info['api_url']}/v1/charges", params={"limit": 100},
+                        auth=(info["restricted_key"], ""), timeout=30).content
+    shaper = Shaper(schema("charges"))
+    rounds = 30
+
+    def timed(fn) -> float:
+        started = time.perf_counter()
+        for _ in range(rounds):
+            fn()
+        return (time.perf_counter() - started) / rounds * 1000
+
+    objects = orjson.loads(body)["data"]
+    parse = timed(lambda: orjson.loads(body))
+    shape = timed(lambda: shaper.frame([shaper.row(o) for _ in range(50) for o in objects])) / 50
+    as_objects = timed(lambda: stripe.convert_to_stripe_object(orjson.loads(body)))
+    return parse, shape, as_objects
+
+
+def report(label: str, source: StripeSource, frames: dict) -> None:
+    stats = source.last_stats
+    rows = sum(len(frame) for frame in frames.values())
+    floor = stats.floor_seconds(source.rate_limits)
+    print(f"  {label}: {rows:,} rows in {stats.seconds:.1f} s = {rows / stats.seconds:,.0f} rows/s; "
+          f"{stats.requests:,} requests ({stats.requests / stats.seconds:.1f}/s); the rate limits allow these "
+          f"requests in {floor:.1f} s at best: {floor / stats.seconds:.0%} of the ceiling; "
+          f"{stats.windows} windows, {stats.rate_limited} answered 429")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--latency-ms", type=float, default=300)
+    parser.add_argument("--seconds", type=float, default=10, help="how long to run the sequential pager")
+    args = parser.parse_args(argv)
+
+    for mode in ("test", "live"):
+        process, info = start_sandbox(mode, args.latency_ms)
+        try:
+            print(f"{mode} mode limits, {args.latency_ms:.0f} ms latency per request, scale=bench:")
+            if mode == "test":
+                pager = sequential_pager(info, args.seconds)
+                print(f"  sequential auto_paging_iter on charges: {pager:,.0f} rows/s")
+            source = StripeSource(info["restricted_key"], api_base=info["api_url"], rate_limits=mode, workers=32)
+            frames = {"charges": source.table("charges")}
+            report("StripeSource.table('charges')", source, frames)
+            if mode == "test":
+                print(f"  speed-up over the sequential pager: {len(frames['charges']) / source.last_stats.seconds / pager:.1f}x")
+            frames = source.tables()
+            report("StripeSource.tables() (all ten)", source, frames)
+            if mode == "test":
+                parse, shape, as_objects = shaping_cost(info)
+                print(f"CPU per page of 100 charges: parse {parse:.1f} ms, shape into columns {shape:.1f} ms, "
+                      f"stripe-python StripeObjects {as_objects:.1f} ms (budget at 100 pages/s: 10 ms)")
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

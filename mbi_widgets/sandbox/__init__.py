@@ -10,20 +10,20 @@ to end offline), Stripe's rate limits, latency and faults on demand.
 """
 from __future__ import annotations
 
+import html
 import random
 import re
 import secrets
-import socket
-import threading
-import time
+import tempfile
 from datetime import UTC, datetime
 from typing import Any, Mapping
 from urllib.parse import parse_qsl, urlsplit
 
 import requests
-import uvicorn
 
-from mbi_widgets.errors import SandboxError
+from mbi_widgets.errors import MbiError, SandboxError
+from mbi_widgets.relay import RelayConfig, create_app as create_relay_app
+from mbi_widgets.serving import BackgroundServer
 from mbi_widgets.sandbox.control import FaultPlan, Faults, RateLimits
 from mbi_widgets.sandbox.credentials import SandboxAccount, redact
 from mbi_widgets.sandbox.generator import DAY, History, scale_to_customers
@@ -80,49 +80,40 @@ class Sandbox:
         self.restricted_key = self._state.credentials.issue_restricted(self.accounts[0].id)
         for uri in redirect_uris:
             self.register_redirect_uri(uri)
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._url: str | None = None
+        self._server: BackgroundServer | None = None
+        self._relay_dir: tempfile.TemporaryDirectory | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> "Sandbox":
         """Generates the first account's data and serves on a free loopback port; returns self."""
-        if self._thread is not None:
+        if self._server is not None:
             return self
         self._state.dataset(self.accounts[0].id)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._relay_dir = tempfile.TemporaryDirectory(prefix="mbi-sandbox-relay-")
         try:
-            sock.bind(("127.0.0.1", self.port))
-        except OSError as exc:
-            sock.close()
-            raise SandboxError(f"the sandbox cannot listen on 127.0.0.1:{self.port} ({exc.strerror}); "
-                               "choose another port or pass port=0 for a free one") from exc
-        port = sock.getsockname()[1]
-        config = uvicorn.Config(build_app(self._state, latency_ms=self.latency_ms), log_level="warning",
-                                access_log=False, lifespan="off", http="httptools", loop="asyncio",
-                                timeout_graceful_shutdown=2, server_header=False)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
-                                        name=f"mbi-sandbox-{port}", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 15
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise SandboxError("the sandbox server did not start; see the log above for the cause")
-            time.sleep(0.01)
-        self._url = f"http://127.0.0.1:{port}"
+            self._server = BackgroundServer(make_app=self._make_app, port=self.port, name="sandbox").start()
+        except MbiError as exc:
+            self._server = None
+            self._relay_dir.cleanup()
+            raise SandboxError(f"the sandbox could not start: {exc}") from exc
         return self
+
+    def _make_app(self, url: str) -> Any:
+        relay = RelayConfig(client_id=self.client_id, secret_key=self.secret_key, public_url=f"{url}/relay",
+                            connect_url=url, api_url=url, db_path=f"{self._relay_dir.name}/relay.sqlite3",
+                            interval=2.0)
+        self.register_redirect_uri(relay.callback_url)
+        return build_app(self._state, latency_ms=self.latency_ms, mounts={"/relay": create_relay_app(relay)})
 
     def stop(self) -> None:
         """Stops serving; safe to call twice."""
         if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._server, self._thread, self._url = None, None, None
+            self._server.stop()
+            self._server = None
+        if self._relay_dir is not None:
+            self._relay_dir.cleanup()
+            self._relay_dir = None
 
     def __enter__(self) -> "Sandbox":
         return self.start()
@@ -132,14 +123,19 @@ class Sandbox:
 
     @property
     def running(self) -> bool:
-        return self._url is not None
+        return self._server is not None and self._server.url is not None
 
     @property
     def api_url(self) -> str:
         """Base URL of the API, for `StripeClient(base_addresses={"api": ...})`."""
-        if self._url is None:
+        if self._server is None or self._server.url is None:
             raise SandboxError("the sandbox is not running: call start() or use it as a context manager")
-        return self._url
+        return self._server.url
+
+    @property
+    def relay_url(self) -> str:
+        """Base URL of the embedded relay (device-style authorization wired to this sandbox's Connect)."""
+        return f"{self.api_url}/relay"
 
     @property
     def connect_url(self) -> str:
@@ -200,15 +196,43 @@ class Sandbox:
                                f"{_text_of(answer.text)}")
         return answer.headers["location"]
 
+    def approve(self, user_code: str, email: str | None = None, password: str | None = None) -> str:
+        """Approves a device code as an admin would in a browser; returns the final page's text.
+
+        Walks the relay's code page and access request, signs in on the Connect page (as the
+        account with `email`, the first seeded account by default) and follows the callback.
+        """
+        return self._walk_device(user_code, email=email, password=password, deny=False)
+
+    def deny(self, user_code: str) -> str:
+        """Like `approve`, but clicks Deny on the Connect page."""
+        return self._walk_device(user_code, email=None, password=None, deny=True)
+
+    def _walk_device(self, user_code: str, *, email: str | None, password: str | None, deny: bool) -> str:
+        account = next((a for a in self.accounts if email is None or a.email.lower() == email.lower()), None)
+        if account is None:
+            raise SandboxError(f"no seeded account signs in as {email!r}; use one of {[a.email for a in self.accounts]}")
+        with requests.Session() as browser:
+            browser.get(f"{self.relay_url}/device", params={"user_code": user_code}, timeout=10)
+            access = browser.post(f"{self.relay_url}/device", data={"user_code": user_code}, timeout=10)
+            link = re.search(r'href="([^"]+)"[^>]*>Sign in with Stripe to Continue', access.text)
+            if access.status_code != 200 or link is None:
+                raise SandboxError(f"the relay did not accept code {user_code!r}: {_text_of(access.text)}")
+            location = self.authorize(html.unescape(link.group(1)), account=account.id, deny=deny, password=password)
+            final = browser.get(location, timeout=30)
+        if final.status_code != 200:
+            raise SandboxError(f"the relay's callback failed ({final.status_code}): {_text_of(final.text)}")
+        return _text_of(final.text)
+
     def connection_info(self) -> dict[str, Any]:
         """What `mbi-widgets sandbox` prints: URLs, test keys and the seeded accounts."""
         return {"api_url": self.api_url, "connect_url": self.connect_url, "secret_key": self.secret_key,
                 "client_id": self.client_id, "restricted_key": self.restricted_key,
-                "platform_account": self.platform_account_id,
+                "platform_account": self.platform_account_id, "relay_url": self.relay_url,
                 "accounts": [account.public() for account in self.accounts]}
 
     def __repr__(self) -> str:
-        where = self._url or "not running"
+        where = self._server.url if self._server and self._server.url else "not running"
         return (f"Sandbox({where}, seed={self.seed}, scale={self.scale!r}, secret_key={redact(self.secret_key)}, "
                 f"restricted_key={redact(self.restricted_key)})")
 

@@ -11,7 +11,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from mbi_widgets.sandbox import api, connect
 from mbi_widgets.sandbox.api import StripeHTTPError
@@ -169,11 +169,12 @@ class _QuietDrops(logging.Filter):
         return not (record.exc_info and isinstance(record.exc_info[1], DroppedConnection))
 
 
-def build_app(state: SandboxState, *, latency_ms: float = 0) -> Any:
+def build_app(state: SandboxState, *, latency_ms: float = 0, mounts: dict[str, Any] | None = None) -> Any:
     logging.getLogger("uvicorn.error").addFilter(_QuietDrops())
     all_methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
     app = Starlette(
         routes=[*api.routes(state), *connect.routes(state),
+                *(Mount(path, app=sub_app) for path, sub_app in (mounts or {}).items()),
                 Route("/{path:path}", _not_found, methods=all_methods)],
         exception_handlers={StripeHTTPError: _stripe_error, Exception: _stripe_error,
                             404: _not_found, 405: _not_found},

@@ -1,0 +1,385 @@
+"""The notebook side of authorization: a device-flow state machine, its polling driver, and key checks.
+
+The flow is a pure `step(state, answer, now)` over explicit states; `DeviceFlow` drives it on a
+background thread so the kernel stays free, and observers (a widget, a script) are told of
+every state change. Nothing here prints, touches widgets or writes to disk.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable
+
+import requests
+import stripe
+from oauthlib.oauth2 import DeviceClient, OAuth2Error
+from requests_oauthlib import OAuth2Session
+
+from mbi_widgets.errors import MbiError
+from mbi_widgets.oauth import transport_allowed
+from mbi_widgets.redaction import redact
+
+CLIENT_ID = "mbi-widgets"
+DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+SLOW_DOWN_STEP = 5.0
+
+
+class AuthError(MbiError):
+    """Authorization could not be completed; `code` is the OAuth error where there is one."""
+
+
+# --- states --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StripeToken:
+    """What Connect returned for an approved account. Its repr never shows the tokens."""
+
+    access_token: str = field(repr=False)
+    stripe_user_id: str
+    scope: str
+    livemode: bool
+    token_type: str = "bearer"
+    refresh_token: str | None = field(default=None, repr=False)
+    stripe_publishable_key: str | None = None
+
+    @classmethod
+    def from_response(cls, token: dict[str, Any]) -> "StripeToken":
+        missing = [name for name in ("access_token", "stripe_user_id") if not token.get(name)]
+        if missing:
+            raise AuthError(f"the relay's answer lacks {', '.join(missing)}; check that the relay is an "
+                            "mbi-widgets relay and try again", code="invalid_response")
+        scope = token.get("scope", "read_only")
+        return cls(access_token=token["access_token"], stripe_user_id=token["stripe_user_id"],
+                   scope=" ".join(scope) if isinstance(scope, (list, tuple)) else str(scope), livemode=bool(token.get("livemode", False)),
+                   token_type=str(token.get("token_type", "bearer")), refresh_token=token.get("refresh_token"),
+                   stripe_publishable_key=token.get("stripe_publishable_key"))
+
+    @property
+    def hint(self) -> str:
+        return redact(self.access_token)
+
+
+@dataclass(frozen=True)
+class Idle:
+    """Nothing under way (never started, or cancelled)."""
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """Waiting for the admin to approve `user_code` at `verification_uri`."""
+
+    user_code: str
+    verification_uri: str
+    verification_uri_complete: str | None
+    deadline: float  # time.monotonic() at which the code expires
+    expires_at: datetime  # the same moment on the wall clock, for display
+    interval: float
+    device_code: str = field(repr=False)
+
+    @property
+    def link(self) -> str:
+        return self.verification_uri_complete or self.verification_uri
+
+
+@dataclass(frozen=True)
+class Connected:
+    token: StripeToken
+
+
+@dataclass(frozen=True)
+class Denied:
+    message: str
+
+
+@dataclass(frozen=True)
+class Expired:
+    message: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str
+    code: str
+
+
+FlowState = Idle | Waiting | Connected | Denied | Expired | Failed
+TERMINAL = (Connected, Denied, Expired, Failed)
+
+
+# --- answers from one poll --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TokenIssued:
+    token: dict[str, Any] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class OAuthAnswer:
+    error: str
+    description: str | None = None
+
+
+@dataclass(frozen=True)
+class Unreachable:
+    reason: str
+
+
+PollAnswer = TokenIssued | OAuthAnswer | Unreachable
+
+
+def step(state: Waiting, answer: PollAnswer, now: float) -> tuple[FlowState, float | None]:
+    """The next state and how long to wait before polling again (None when the flow is over)."""
+    match answer:
+        case TokenIssued(token=token):
+            try:
+                return Connected(StripeToken.from_response(token)), None
+            except AuthError as exc:
+                return Failed(str(exc), exc.code or "invalid_response"), None
+        case OAuthAnswer(error="authorization_pending") | Unreachable() if now < state.deadline:
+            return state, _next_wait(state, now)
+        case OAuthAnswer(error="authorization_pending"):
+            return Expired("The code expired before it was approved. Start again to get a new code."), None
+        case OAuthAnswer(error="slow_down"):
+            slower = replace(state, interval=state.interval + SLOW_DOWN_STEP)
+            return slower, _next_wait(slower, now)
+        case OAuthAnswer(error="access_denied"):
+            return Denied("Access was denied in the browser. Start again if that was a mistake."), None
+        case OAuthAnswer(error="expired_token"):
+            return Expired("The code expired before it was approved. Start again to get a new code."), None
+        case OAuthAnswer(error=error, description=description):
+            return Failed(f"The relay refused the request ({error}): {description or 'no details'}. "
+                          "Start again; if it keeps failing, check the relay's URL.", error), None
+        case Unreachable(reason=reason):
+            return Failed(f"The relay could not be reached before the code expired ({reason}). Check the relay "
+                          "URL and the network, then start again.", "relay_unreachable"), None
+    raise TypeError(f"not a poll answer: {answer!r}")
+
+
+def _next_wait(state: Waiting, now: float) -> float:
+    # Poll once more right at the deadline, so the relay's own `expired_token` ends the flow.
+    return max(0.0, min(state.interval, state.deadline - now))
+
+
+# --- talking to the relay ---------------------------------------------------------------------
+
+class RelayClient:
+    """RFC 8628 requests to an mbi-widgets relay, through requests-oauthlib for the token polls."""
+
+    def __init__(self, relay_url: str, *, client_id: str = CLIENT_ID, timeout: float = 10.0,
+                 session: requests.Session | None = None) -> None:
+        self.relay_url = relay_url.rstrip("/")
+        self.client_id = client_id
+        self.timeout = timeout
+        self._session = session or requests.Session()
+
+    def request_code(self, *, scope: str = "read_only", clock: Callable[[], float] = time.monotonic) -> Waiting:
+        try:
+            response = self._session.post(f"{self.relay_url}/device/code",
+                                          data={"client_id": self.client_id, "scope": scope}, timeout=self.timeout)
+        except requests.RequestException as exc:
+            raise AuthError(f"The relay at {self.relay_url} could not be reached ({type(exc).__name__}). Check "
+                            "MBI_RELAY_URL and the network.", code="relay_unreachable") from exc
+        body = _json(response)
+        if response.status_code != 200 or "device_code" not in body:
+            raise AuthError(f"The relay refused to start a device flow ({response.status_code}: "
+                            f"{body.get('error_description') or body.get('error') or 'no details'}).",
+                            code=body.get("error") or "relay_error")
+        expires_in = float(body.get("expires_in", 600))
+        return Waiting(user_code=body["user_code"], verification_uri=body["verification_uri"],
+                       verification_uri_complete=body.get("verification_uri_complete"),
+                       deadline=clock() + expires_in,
+                       expires_at=datetime.now(timezone.utc) + timedelta(seconds=expires_in),
+                       interval=float(body.get("interval", 5)), device_code=body["device_code"])
+
+    def poll(self, device_code: str) -> PollAnswer:
+        oauth = OAuth2Session(client=DeviceClient(self.client_id))
+        oauth.register_compliance_hook("access_token_response", _raise_for_server_error)
+        try:
+            with transport_allowed(self.relay_url):
+                token = oauth.fetch_token(f"{self.relay_url}/device/token", device_code=device_code,
+                                          include_client_id=True, timeout=self.timeout)
+        except OAuth2Error as exc:
+            return OAuthAnswer(exc.error, exc.description)
+        except (requests.RequestException, _ServerError, ValueError) as exc:
+            return Unreachable(f"{type(exc).__name__}: {exc}"[:200])
+        return TokenIssued(dict(token))
+
+    def deauthorize(self, *, access_token: str, stripe_user_id: str) -> None:
+        """Asks the relay to revoke the platform's access to `stripe_user_id` (for Delete)."""
+        try:
+            response = self._session.post(f"{self.relay_url}/oauth/deauthorize",
+                                          data={"stripe_user_id": stripe_user_id},
+                                          headers={"Authorization": f"Bearer {access_token}"}, timeout=self.timeout)
+        except requests.RequestException as exc:
+            raise AuthError(f"The relay at {self.relay_url} could not be reached to disconnect the account "
+                            f"({type(exc).__name__}); nothing was deleted. Try again.", code="relay_unreachable") from exc
+        if response.status_code != 200:
+            body = _json(response)
+            raise AuthError(f"The relay could not disconnect {stripe_user_id} ({response.status_code}: "
+                            f"{body.get('error_description') or body.get('error') or 'no details'}); nothing was "
+                            "deleted.", code=body.get("error") or "deauthorize_failed")
+
+
+class _ServerError(Exception):
+    pass
+
+
+def _raise_for_server_error(response: requests.Response) -> requests.Response:
+    if response.status_code >= 500:
+        raise _ServerError(f"HTTP {response.status_code}")
+    return response
+
+
+def _json(response: requests.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+# --- the driver ---------------------------------------------------------------------------
+
+class DeviceFlow:
+    """Runs one device authorization in the background; observers see every state.
+
+        flow = DeviceFlow(relay_url)
+        waiting = flow.start()          # show waiting.link and waiting.user_code
+        state = flow.wait()             # or observe(...) and keep the kernel free
+    """
+
+    def __init__(self, relay_url: str, *, client: RelayClient | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.client = client or RelayClient(relay_url)
+        self._clock = clock
+        self._state: FlowState = Idle()
+        self._observers: list[Callable[[FlowState], None]] = []
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def state(self) -> FlowState:
+        return self._state
+
+    def observe(self, callback: Callable[[FlowState], None]) -> None:
+        self._observers.append(callback)
+
+    def _set(self, state: FlowState) -> None:
+        with self._lock:
+            self._state = state
+        for callback in list(self._observers):
+            callback(state)
+
+    def start(self) -> FlowState:
+        """Asks the relay for a code and starts polling; returns Waiting, or Failed when the relay is unreachable."""
+        self.cancel()
+        self._cancel, self._done = threading.Event(), threading.Event()
+        try:
+            waiting = self.client.request_code(clock=self._clock)
+        except AuthError as exc:
+            self._set(Failed(str(exc), exc.code or "relay_error"))
+            self._done.set()
+            return self._state
+        self._set(waiting)
+        self._thread = threading.Thread(target=self._run, args=(waiting, self._cancel, self._done),
+                                        name="mbi-device-flow", daemon=True)
+        self._thread.start()
+        return waiting
+
+    def _run(self, state: Waiting, cancel: threading.Event, done: threading.Event) -> None:
+        try:
+            wait: float | None = state.interval
+            current: FlowState = state
+            while isinstance(current, Waiting) and wait is not None:
+                if cancel.wait(wait):
+                    return
+                answer = self.client.poll(current.device_code)
+                if cancel.is_set():
+                    return
+                current, wait = step(current, answer, self._clock())
+                if current != self._state:
+                    self._set(current)
+        finally:
+            done.set()
+
+    def cancel(self) -> None:
+        """Stops polling at once; the flow goes back to Idle (a code already shown simply expires)."""
+        self._cancel.set()
+        if isinstance(self._state, Waiting):
+            self._set(Idle())
+        self._done.set()
+
+    def wait(self, timeout: float | None = None) -> FlowState:
+        """Blocks until the flow ends (or `timeout`), and returns the state then."""
+        self._done.wait(timeout)
+        return self._state
+
+
+# --- the alternative: a restricted API key -----------------------------------------------------
+
+@dataclass(frozen=True)
+class KeyCheck:
+    """A validated key: which account it reads and any warning to show."""
+
+    account_id: str
+    account_name: str
+    livemode: bool
+    auth_method: str
+    warning: str | None = None
+
+
+def validate_key(api_key: str, *, api_base: str | None = None) -> KeyCheck:
+    """Checks a pasted key by calling the API; raises AuthError saying what to create instead."""
+    key = api_key.strip()
+    if key.startswith("pk_"):
+        raise AuthError("That is a publishable key (pk_...), which cannot read data. In the Stripe dashboard open "
+                        "Developers > API keys > Create restricted key, give it Read access to Customers, Charges, "
+                        "Coupons, Invoices, Plans/Prices, Subscriptions and Events, and paste the rk_... key.",
+                        code="publishable_key")
+    if not key.startswith(("rk_", "sk_")):
+        raise AuthError("That does not look like a Stripe API key: paste a restricted key (rk_live_... or "
+                        "rk_test_...).", code="invalid_key")
+    client = stripe.StripeClient(key, base_addresses={"api": api_base} if api_base else None, max_network_retries=1)
+    try:
+        account = client.v1.accounts.retrieve_current()
+        account_id, name = account.id, _account_name(account)
+    except stripe.PermissionError:
+        # A restricted key without account access can still read the tables: check one of them.
+        try:
+            client.v1.customers.list({"limit": 1})
+        except stripe.StripeError as exc:
+            raise _key_error(key, exc) from exc
+        account_id, name = "unknown", "Stripe account"
+    except stripe.StripeError as exc:
+        raise _key_error(key, exc) from exc
+    warning = None
+    method = "restricted_key"
+    if key.startswith("sk_"):
+        method = "secret_key"
+        warning = ("This is a full secret key: it can also move money. Prefer a restricted key with read-only "
+                   "access (Developers > API keys > Create restricted key).")
+        warnings.warn(warning, stacklevel=2)
+    return KeyCheck(account_id, name, "_live_" in key, method, warning)
+
+
+def _account_name(account: Any) -> str:
+    profile = getattr(account, "business_profile", None)
+    settings = getattr(account, "settings", None)
+    dashboard = getattr(settings, "dashboard", None) if settings else None
+    return (getattr(profile, "name", None) or getattr(dashboard, "display_name", None)
+            or getattr(account, "email", None) or account.id)
+
+
+def _key_error(key: str, exc: stripe.StripeError) -> AuthError:
+    if isinstance(exc, stripe.AuthenticationError):
+        return AuthError(f"Stripe rejected the key {redact(key)}: it is mistyped, deleted or expired. Create a new "
+                         "restricted key and paste it again.", code="invalid_key")
+    if isinstance(exc, stripe.APIConnectionError):
+        return AuthError("Stripe could not be reached to check the key. Check the network and try again.",
+                         code="unreachable")
+    return AuthError(f"Stripe refused the key {redact(key)}: {exc.user_message or exc}", code="key_refused")

@@ -68,6 +68,34 @@ Press Ctrl-C to stop.""", flush=True)
     return 0
 
 
+def cmd_relay(args: argparse.Namespace) -> int:
+    import logging
+    import os
+    from urllib.parse import urlsplit
+
+    import uvicorn
+
+    from mbi_widgets.oauth import is_loopback
+    from mbi_widgets.relay import config_from_env, create_app
+
+    secret = os.environ.get(args.secret_key_env)
+    if not secret:
+        print(f"mbi-widgets relay: set {args.secret_key_env} to the platform's Stripe secret key (it is never "
+              "taken on the command line, so it stays out of shell history)", file=sys.stderr)
+        return 2
+    public_url = args.public_url or f"http://{args.host}:{args.port}"
+    config = config_from_env(client_id=args.client_id, secret_key=secret, public_url=public_url,
+                             connect_url=args.connect_url, api_url=args.api_url, db_path=args.db)
+    if urlsplit(public_url).scheme == "http" and not is_loopback(public_url):
+        logging.getLogger("mbi_widgets.relay").warning(
+            "the relay's public URL %s is plain http on a non-loopback host: browsers will send OAuth codes "
+            "in the clear. Put it behind https.", public_url)
+    print(f"mbi-widgets relay: serving {public_url} (device page {public_url.rstrip('/')}/device, Connect "
+          f"redirect URI to register: {config.callback_url})", flush=True)
+    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mbi-widgets", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--rate-limits", choices=("test", "live"), default=None,
                          help="enforce Stripe's test- or live-mode rate limits")
         sub.set_defaults(handler=handler)
+    relay = commands.add_parser("relay", help="serve the device-style authorization relay for a Connect platform")
+    relay.add_argument("--client-id", help="the platform's Connect client ID (ca_...); or MBI_RELAY_CLIENT_ID")
+    relay.add_argument("--secret-key-env", default="MBI_RELAY_SECRET_KEY",
+                       help="environment variable holding the platform's secret key (default MBI_RELAY_SECRET_KEY)")
+    relay.add_argument("--public-url", help="the relay's public base URL (default http://HOST:PORT)")
+    relay.add_argument("--connect-url", help="Connect base URL (default https://connect.stripe.com)")
+    relay.add_argument("--api-url", help="Stripe API base URL (default https://api.stripe.com)")
+    relay.add_argument("--db", help="SQLite database of device sessions (default mbi-relay.sqlite3)")
+    relay.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    relay.add_argument("--port", type=int, default=8765)
+    relay.set_defaults(handler=cmd_relay)
     return parser
 
 

@@ -344,19 +344,7 @@ def validate_key(api_key: str, *, api_base: str | None = None) -> KeyCheck:
     if not key.startswith(("rk_", "sk_")):
         raise AuthError("That does not look like a Stripe API key: paste a restricted key (rk_live_... or "
                         "rk_test_...).", code="invalid_key")
-    client = stripe.StripeClient(key, base_addresses={"api": api_base} if api_base else None, max_network_retries=1)
-    try:
-        account = client.v1.accounts.retrieve_current()
-        account_id, name = account.id, _account_name(account)
-    except stripe.PermissionError:
-        # A restricted key without account access can still read the tables: check one of them.
-        try:
-            client.v1.customers.list({"limit": 1})
-        except stripe.StripeError as exc:
-            raise _key_error(key, exc) from exc
-        account_id, name = "unknown", "Stripe account"
-    except stripe.StripeError as exc:
-        raise _key_error(key, exc) from exc
+    account_id, name = account_of(key, api_base=api_base)
     warning = None
     method = "restricted_key"
     if key.startswith("sk_"):
@@ -365,6 +353,23 @@ def validate_key(api_key: str, *, api_base: str | None = None) -> KeyCheck:
                    "access (Developers > API keys > Create restricted key).")
         warnings.warn(warning, stacklevel=2)
     return KeyCheck(account_id, name, "_live_" in key, method, warning)
+
+
+def account_of(key: str, *, api_base: str | None = None) -> tuple[str, str]:
+    """(account id, display name) of the account a key or OAuth token reads; raises AuthError."""
+    client = stripe.StripeClient(key, base_addresses={"api": api_base} if api_base else None, max_network_retries=1)
+    try:
+        account = client.v1.accounts.retrieve_current()
+        return account.id, _account_name(account)
+    except stripe.PermissionError:
+        # A restricted key without account access can still read the tables: check one of them.
+        try:
+            client.v1.customers.list({"limit": 1})
+        except stripe.StripeError as exc:
+            raise _key_error(key, exc) from exc
+        return "unknown", "Stripe account"
+    except stripe.StripeError as exc:
+        raise _key_error(key, exc) from exc
 
 
 def _account_name(account: Any) -> str:

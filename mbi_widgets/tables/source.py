@@ -15,6 +15,7 @@ from mbi_widgets.tables.fetch import (
     STRIPE_EPOCH,
     ChildPlan,
     Fetcher,
+    FetchStats,
     Job,
     PermissionDenied,
     RateBudget,
@@ -76,6 +77,8 @@ class StripeSource:
         self._workers = max(1, workers)
         self._floor: int | None = None
         self._floor_lock = threading.Lock()
+        #: What the last `table()`/`tables()` call cost (requests, retries, windows, seconds).
+        self.last_stats: FetchStats | None = None
 
     def __repr__(self) -> str:
         account = f", account={self._account}" if self._account else ""
@@ -137,7 +140,10 @@ class StripeSource:
         job = Job(fetcher=self._fetcher(), plans=plans, workers=self._workers, floor=self._account_floor,
                   progress=progress)
         job.fetcher.cancelled = lambda: job._error is not None  # noqa: SLF001 - stop sleeping retries early
-        collected = job.run()
+        try:
+            collected = job.run()
+        finally:
+            self.last_stats = job.fetcher.stats
         return {name: self._frame(schema(name), collected[name].sorted_rows()) for name in wanted}
 
     # --- internals ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ _EXPORTS = {
     "Faults": "mbi_widgets.sandbox",
     "MbiError": "mbi_widgets.errors",
     "StripeSource": "mbi_widgets.tables.source",
+    "ConnectionsPanel": "mbi_widgets.ui",
     "EXPECTED_TABLES": "mbi_widgets.tables.schema",
     "CHILD_TABLES": "mbi_widgets.tables.schema",
 }
@@ -26,6 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from mbi_widgets.sandbox import Faults, RateLimits, Sandbox
     from mbi_widgets.tables.schema import CHILD_TABLES, EXPECTED_TABLES
     from mbi_widgets.tables.source import StripeSource
+    from mbi_widgets.ui import ConnectionsPanel
 
 
 def __getattr__(name: str) -> Any:

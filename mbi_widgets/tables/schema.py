@@ -5,8 +5,8 @@ version: each field is a class annotation followed by its documentation string. 
 with `ast` gives every expected field with its type, so an empty account yields the same
 columns and dtypes as a busy one, without a hand-typed list.
 
-Shaping rules: nested objects are flattened with `__`; expandable references are kept as the
-id; lists (other than those turned into child tables), `metadata` and free-form hashes are JSON
+Shaping rules: nested objects are flattened with `__`; references (expandable, or another
+resource embedded whole, like a subscription item's `plan`) are kept as the id; lists (other than those turned into child tables), `metadata` and free-form hashes are JSON
 text; Unix timestamps are timezone-aware UTC datetimes; integers are nullable Int64 (amounts are
 in the currency's minor unit); booleans are nullable booleans; ids and enums are strings.
 """
@@ -229,7 +229,7 @@ def _unwrap_optional(annotation: ast.expr) -> ast.expr:
 def _kind(name: str, annotation: ast.expr, doc: str) -> str:
     inner = _unwrap_optional(annotation)
     if isinstance(inner, ast.Constant) and isinstance(inner.value, str):
-        return "json"  # a forward reference to another resource, embedded whole
+        return "id"  # another resource embedded whole: kept as its id, to join with its own table
     if isinstance(inner, ast.Name):
         if inner.id == "int":
             return "timestamp" if _is_timestamp(name, doc) else "int"
@@ -237,7 +237,7 @@ def _kind(name: str, annotation: ast.expr, doc: str) -> str:
             return "float"
         if inner.id == "bool":
             return "bool"
-        if inner.id == "str":
+        if inner.id in ("str", "Decimal"):  # Stripe sends decimals as strings ("2000.5")
             return "string"
         if inner.id == "Any":
             return "json"

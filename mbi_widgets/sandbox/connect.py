@@ -118,6 +118,7 @@ _PAGE = """<!doctype html>
  .primary {{ background: #635bff; color: #fff; }} .secondary {{ background: #fff; color: #3c4257;
         border: 1px solid #d5dbe1; }}
  .error {{ color: #df1b41; font-weight: 500; }}
+ .hint {{ margin-top: 24px; padding: 12px 14px; background: #f6f8fa; border-radius: 6px; font-size: 13px; }}
 </style></head>
 <body><header>stripe<small>sandbox</small></header><main>{body}</main></body></html>
 """
@@ -130,8 +131,15 @@ def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
                                                             "form-action 'self'"})
 
 
+def _sandbox_hint(accounts: list) -> str:
+    """Test-mode sign-ins, shown on this loopback-only page so that no notebook ever has to print them."""
+    rows = "".join(f"<li><code>{html.escape(a.email)}</code> / <code class='pw'>{html.escape(a.password)}</code> "
+                   f"({html.escape(a.business_name)})</li>" for a in accounts)
+    return f'<div class="hint"><strong>Sandbox accounts</strong> (test mode, valid while this sandbox runs)<ul>{rows}</ul></div>'
+
+
 def _sign_in_form(request_id: str, platform_name: str, scope: str, error: str | None = None,
-                  email: str = "") -> str:
+                  email: str = "", hint: str = "") -> str:
     access = "read-only access to" if scope == "read_only" else "read and write access to"
     error_html = f'<p class="error" role="alert">{html.escape(error)}</p>' if error else ""
     return f"""
@@ -150,12 +158,16 @@ def _sign_in_form(request_id: str, platform_name: str, scope: str, error: str | 
  <input type="hidden" name="request" value="{html.escape(request_id)}">
  <button class="secondary" type="submit" name="action" value="deny">Deny access</button>
 </form>
+{hint}
 """
 
 
 def routes(state: "SandboxState") -> list[Route]:
     connect = state.connect
     platform_name = "mbi-widgets (sandbox platform)"
+
+    def hint() -> str:
+        return _sandbox_hint([seed.account for seed in state.seeds.values()])
 
     async def authorize_page(request: Request) -> Response:
         q = request.query_params
@@ -179,7 +191,7 @@ def routes(state: "SandboxState") -> list[Route]:
                 "error": "invalid_scope", "error_description": f"Invalid scope: {scope}",
                 "state": oauth_state}), 302)
         request_id = connect.open_request(redirect_uri, oauth_state, scope)
-        return _page("Sign in", _sign_in_form(request_id, platform_name, scope))
+        return _page("Sign in", _sign_in_form(request_id, platform_name, scope, hint=hint()))
 
     async def authorize_submit(request: Request) -> Response:
         form = await request.form()
@@ -200,7 +212,7 @@ def routes(state: "SandboxState") -> list[Route]:
                         and secrets.compare_digest(seed.account.password, password)), None)
         if account is None:
             return _page("Sign in", _sign_in_form(request_id, platform_name, pending.scope,
-                                                  "Incorrect email or password.", email), 401)
+                                                  "Incorrect email or password.", email, hint()), 401)
         taken = connect.take_request(request_id)
         if taken is None:
             return _page("Session expired", "<h1>This sign-in page has expired</h1>", 400)
@@ -226,7 +238,10 @@ def routes(state: "SandboxState") -> list[Route]:
             if refreshed is None:
                 return _oauth_error(400, "invalid_grant", "Invalid refresh token: it is unknown or was revoked.")
             principal, refresh_token = refreshed
-            return JSONResponse(token_body(principal.key, refresh_token, principal.account_id, "read_only"))
+            # A refreshed token keeps the scope the account granted.
+            grant = connect.grants.get(principal.grant_code or "")
+            scope = grant.scope if grant is not None else "read_only"
+            return JSONResponse(token_body(principal.key, refresh_token, principal.account_id, scope))
         return _oauth_error(400, "unsupported_grant_type",
                             f"Unsupported grant_type: {grant_type!r}; use authorization_code or refresh_token.")
 

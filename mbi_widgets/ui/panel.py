@@ -99,6 +99,7 @@ class ConnectionsPanel:
         self._sources: dict[str, StripeSource] = {}
         self._owned: list[Callable[[], None]] = []
         self._ticker: threading.Thread | None = None
+        self._last_thread: threading.Thread | None = None
 
         self.banner = widgets.HTML()
         self.body = widgets.VBox()
@@ -429,6 +430,17 @@ class ConnectionsPanel:
                 return connection
         names = ", ".join(repr(c.name) for c in self.registry.list()) or "none yet"
         raise MbiError(f"no connection named {name_or_id!r}; connections: {names}", code="unknown_connection")
+
+    def wait(self, timeout: float = 60) -> "ConnectionsPanel":
+        """Waits for the authorization under way and the work it triggers (scripts, notebooks, tests)."""
+        deadline = time.monotonic() + timeout
+        if self.flow is not None:
+            self.flow.wait(timeout)
+        while self._last_thread is not None and self._last_thread.is_alive() and time.monotonic() < deadline:
+            self._last_thread.join(0.1)
+        if self.preview is not None:
+            self.preview.wait(max(0.0, deadline - time.monotonic()))
+        return self
 
     def _in_background(self, work: Callable[[], None]) -> threading.Thread:
         def target() -> None:

@@ -47,6 +47,54 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """JupyterLab on the onboarding notebooks, whose panel runs on the embedded sandbox."""
+    if args.sandbox_only:
+        return _demo_sandbox_only(args)
+    import os
+    import secrets as tokens
+    import socket
+    import subprocess
+    from pathlib import Path
+
+    notebooks = _notebooks_dir()
+    if notebooks is None:
+        print("mbi-widgets demo: the notebooks/ folder was not found; run it from a clone of mbi-widgets",
+              file=sys.stderr)
+        return 2
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", args.port or 0))
+        port = probe.getsockname()[1]
+    token = tokens.token_hex(16)
+    url = f"http://127.0.0.1:{port}/lab/tree/01_connect_stripe.ipynb?token={token}"
+    print(f"""mbi-widgets demo: JupyterLab is starting on {notebooks}
+
+Open this URL in a browser:
+
+    {url}
+
+then run the first cell: the Connections panel appears, wired to a Stripe sandbox on this machine.
+Press Ctrl-C to stop.""", flush=True)
+    command = [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1",
+               f"--ServerApp.root_dir={notebooks}", f"--IdentityProvider.token={token}",
+               "--ServerApp.port_retries=0"]
+    if os.geteuid() == 0:
+        command.append("--allow-root")
+    try:
+        return subprocess.call(command, cwd=Path(notebooks))
+    except KeyboardInterrupt:
+        return 0
+
+
+def _notebooks_dir():
+    from pathlib import Path
+
+    for candidate in (Path.cwd() / "notebooks", Path(__file__).resolve().parent.parent / "notebooks"):
+        if (candidate / "01_connect_stripe.ipynb").exists():
+            return candidate
+    return None
+
+
+def _demo_sandbox_only(args: argparse.Namespace) -> int:
     sandbox = _start_sandbox(args)
     account = sandbox.accounts[0]
     try:
@@ -101,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for name, handler, help_ in (
         ("sandbox", cmd_sandbox, "serve the Stripe sandbox and print one JSON line with its URLs and test keys"),
-        ("demo", cmd_demo, "start the demo on the embedded sandbox"),
+        ("demo", cmd_demo, "start JupyterLab on the onboarding notebooks, wired to the embedded sandbox"),
     ):
         sub = commands.add_parser(name, help=help_)
         sub.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
@@ -111,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--rate-limits", choices=("test", "live"), default=None,
                          help="enforce Stripe's test- or live-mode rate limits")
         sub.set_defaults(handler=handler)
+        if name == "demo":
+            sub.add_argument("--sandbox-only", action="store_true",
+                             help="serve only the sandbox and print how to reach it (no JupyterLab)")
     relay = commands.add_parser("relay", help="serve the device-style authorization relay for a Connect platform")
     relay.add_argument("--client-id", help="the platform's Connect client ID (ca_...); or MBI_RELAY_CLIENT_ID")
     relay.add_argument("--secret-key-env", default="MBI_RELAY_SECRET_KEY",

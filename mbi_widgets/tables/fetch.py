@@ -314,6 +314,9 @@ class Job:
         self._lock = threading.Condition()
         self._error: BaseException | None = None
         self._rows = 0
+        #: Progress is reported by one worker at a time, in increasing order, ending at the total.
+        self._progress_lock = threading.Lock()
+        self._reported = 0
         self._floor: int | None = None
 
     # --- scheduling ------------------------------------------------------------------------
@@ -486,9 +489,13 @@ class Job:
                     collected.rows[object_id] = row
                     collected.order[object_id] = order
                     self._rows += 1
-            done = self._rows
         if self.progress is not None and rows:
-            self.progress(done, None)
+            with self._progress_lock:
+                with self._lock:
+                    done = self._rows
+                if done > self._reported:
+                    self._reported = done
+                    self.progress(done, None)
 
 
 @dataclass

@@ -708,6 +708,8 @@ class HistoryGenerator:
                     self._maybe_refund(charge, many=index == 11)
 
     def generate(self) -> History:
+        if self.customer_count == 0:  # an account with no business yet (the platform): nothing at all
+            return self.history
         self.build_catalog()
         self.build_coupons()
         self.build_customers()

@@ -452,6 +452,12 @@ class Job:
             else:
                 task.done = True
 
+    def absorb_page(self, plan: "TablePlan", objects: list[dict]) -> None:
+        """Takes one page of parents on the calling thread, completing their long embedded lists."""
+        self._absorb(plan, objects)
+        while self._children:
+            self._child_page(self._children.popleft())
+
     def _child_plan(self, name: str) -> "ChildPlan":
         for plan in self.plans.values():
             for child in plan.children:

@@ -271,7 +271,7 @@ def _is_timestamp(name: str, doc: str) -> bool:
 
 
 _TIMESTAMP_NAMES = {"created", "start", "end", "redeem_by", "billing_cycle_anchor", "next_payment_attempt",
-                    "next_pending_invoice_item_invoice", "updated"}
+                    "next_pending_invoice_item_invoice", "updated", "billed_until"}
 _TIMESTAMP_SUFFIXES = ("_at", "_date", "_start", "_end", "_before")
 
 

@@ -95,25 +95,27 @@ class StripeSource:
         return schema(table)
 
     def preview(self, table: str, rows: int = 100) -> pd.DataFrame:
-        """The newest rows of a table: one request when rows <= 100 (child tables: from one parent page)."""
+        """The newest rows of a table: one request when rows <= 100.
+
+        A child table pages its parent 100 at a time and completes long embedded lists, so that
+        its preview equals the first rows of the full table.
+        """
         if rows < 1:
             raise ValueError("rows must be at least 1")
         target = schema(table)
         parent = schema(target.parent) if target.parent else target
         plan = self._plan(parent, since=None, children=[table] if target.parent else [])
-        fetcher = self._fetcher()
-        collected: dict[str, Any] = {}
-        job = Job(fetcher=fetcher, plans=[plan], workers=1, floor=self._account_floor, progress=None)
+        job = Job(fetcher=self._fetcher(), plans=[plan], workers=1, floor=self._account_floor, progress=None)
+        collected = job.collected[table]
         after = None
         while True:
-            payload = fetcher.get(parent.name, plan.path, plan.params(limit=min(100, rows), after=after))
-            job._absorb(plan, payload["data"])  # noqa: SLF001 - same shaping as full loads
-            collected = job.collected
-            have = len(collected[table].rows)
-            if target.parent or have >= rows or not payload["has_more"] or not payload["data"]:
+            limit = 100 if target.parent else min(100, rows - len(collected.rows))
+            payload = job.fetcher.get(parent.name, plan.path, plan.params(limit=limit, after=after))
+            job.absorb_page(plan, payload["data"])
+            if len(collected.rows) >= rows or not payload["has_more"] or not payload["data"]:
                 break
             after = payload["data"][-1]["id"]
-        return self._frame(target, collected[table].sorted_rows()[:rows])
+        return self._frame(target, collected.sorted_rows()[:rows])
 
     def table(self, table: str, *, since: datetime | None = None, progress: Progress | None = None) -> pd.DataFrame:
         """The whole table, or every object created since `since`; never silently short."""

@@ -45,7 +45,7 @@ from mbi_widgets.ui.preview import PreviewView
 log = logging.getLogger("mbi_widgets.ui")
 
 COLUMNS = ("Name", "Connection", "Status", "Last Connection Started", "Last Connection Duration", "Action")
-_GRID = "minmax(160px, 2fr) 110px 190px 170px 170px minmax(300px, 2fr)"
+_GRID = "minmax(150px, 2fr) 90px 180px 140px 150px minmax(290px, auto)"
 _STYLE = """<style>
 .mbi-panel { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, sans-serif; }
 .mbi-panel .mbi-head { font-weight: 600; color: #4b5563; border-bottom: 1px solid #d1d5db; padding: 4px 0; }
@@ -152,7 +152,8 @@ class ConnectionsPanel:
     # --- Data Sources --------------------------------------------------------------------------
 
     def show_data_sources(self) -> None:
-        add = widgets.Button(description="Add a Data Source", button_style="primary", icon="plus")
+        add = widgets.Button(description="Add a Data Source", button_style="primary", icon="plus",
+                             layout=widgets.Layout(width="170px"))
         add.on_click(lambda _: self.show_gallery())
         self.add_button = add
         header = widgets.HBox([widgets.HTML("<h3 style='margin:0'>Data Sources</h3>"), add],
@@ -188,10 +189,10 @@ class ConnectionsPanel:
                 actions]
 
     def _actions(self, connection: Connection) -> list[widgets.Widget]:
-        preview = widgets.Button(description="Preview", icon="table", layout=widgets.Layout(width="90px"))
-        reauth = widgets.Button(description="Re-authenticate", layout=widgets.Layout(width="130px"),
+        preview = widgets.Button(description="Preview", icon="table", layout=widgets.Layout(width="86px"))
+        reauth = widgets.Button(description="Re-authenticate", layout=widgets.Layout(width="126px"),
                                 button_style="warning" if connection.status == NEEDS_REAUTH else "")
-        delete = widgets.Button(description="Delete", button_style="danger", layout=widgets.Layout(width="70px"))
+        delete = widgets.Button(description="Delete", button_style="danger", layout=widgets.Layout(width="66px"))
         preview.on_click(lambda _: self.open_preview(connection.id))
         reauth.on_click(lambda _: self.reauthenticate(connection.id))
         delete.on_click(lambda _: self._confirm_delete(connection))

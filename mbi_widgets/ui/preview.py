@@ -18,7 +18,11 @@ SHOWN_COLUMNS = 14
 
 
 def frame_html(frame: pd.DataFrame) -> str:
-    """A compact, escaped HTML table of the first rows (pandas escapes cell values)."""
+    """A compact, escaped HTML table of the first rows (pandas escapes cell values).
+
+    Columns empty in every row are left out of the picture (they stay in the DataFrame)."""
+    if len(frame):
+        frame = frame.loc[:, frame.notna().any()]
     return frame.head(SHOWN_ROWS).to_html(max_cols=SHOWN_COLUMNS, escape=True, index=False, border=0,
                                            classes="mbi-frame", na_rep="—")
 

@@ -22,3 +22,13 @@ def make_client(sandbox: Sandbox, key: str, **options) -> stripe.StripeClient:
 def client(sandbox):
     """stripe-python 16 on the restricted key of the first seeded account."""
     return make_client(sandbox, sandbox.restricted_key)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Says where the browser test left its screenshots (one per step of the flow)."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "test-artifacts" / "browser"
+    shots = sorted(folder.glob("*.png")) if folder.exists() else []
+    if shots:
+        terminalreporter.write_line(f"Browser screenshots ({len(shots)} steps): {folder}")

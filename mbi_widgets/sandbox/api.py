@@ -165,6 +165,9 @@ def _type_matcher(pattern: str) -> Callable[[str], bool]:
 def _filters(resource: str, params: dict[str, Any]) -> list[Callable[[Record], bool]]:
     """Record predicates for the resource-specific filters present in `params`."""
     checks: list[Callable[[Record], bool]] = []
+    for name in ("status", "type", "price", "plan"):
+        if name in params and not isinstance(params[name], str):
+            raise StripeHTTPError(400, f"Invalid string: {name}", param=name)
     for name in ("customer", "subscription", "charge", "product", "email"):
         if name in params:
             wanted = params[name]
@@ -285,7 +288,11 @@ def retrieve(dataset: Dataset, resource: str, object_id: str, params: dict[str, 
     if unknown:
         name = sorted(unknown)[0]
         raise StripeHTTPError(400, f"Received unknown parameter: {name}", param=name)
-    record = dataset.collections[resource].get(object_id)
+    if resource == "subscription_items":  # no top-level collection: look in each subscription's items
+        record = next((r for items in dataset.children["subscription_items"].values()
+                       if (r := items.get(object_id)) is not None), None)
+    else:
+        record = dataset.collections[resource].get(object_id)
     if record is None or (window_start is not None and record.created < window_start):
         raise StripeHTTPError(404, f"No such {_NOUNS[resource]}: '{object_id}'", code="resource_missing", param="id")
     expand_customer = False

@@ -89,6 +89,7 @@ def test_connect_stripe_and_preview_charges_in_jupyterlab(jupyterlab):
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         context = browser.new_context(viewport={"width": 1500, "height": 1000})
         context.set_default_timeout(60_000)
+        expect.set_options(timeout=60_000)  # the machine is shared: be patient, never flaky
         lab = context.new_page()
         lab.goto(f"{jupyterlab['base']}/lab/tree/01_connect_stripe.ipynb?token={jupyterlab['token']}")
         expect(lab.locator("#jp-main-statusbar")).to_contain_text("Idle", timeout=90_000)

@@ -45,7 +45,7 @@ from mbi_widgets.ui.preview import PreviewView
 log = logging.getLogger("mbi_widgets.ui")
 
 COLUMNS = ("Name", "Connection", "Status", "Last Connection Started", "Last Connection Duration", "Action")
-_GRID = "minmax(150px, 2fr) 90px 180px 140px 150px minmax(290px, auto)"
+_GRID = "minmax(150px, 2fr) 90px 180px 140px 150px minmax(300px, auto)"
 _STYLE = """<style>
 .mbi-panel { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, sans-serif; }
 .mbi-panel .mbi-head { font-weight: 600; color: #4b5563; border-bottom: 1px solid #d1d5db; padding: 4px 0; }
@@ -189,7 +189,7 @@ class ConnectionsPanel:
                 actions]
 
     def _actions(self, connection: Connection) -> list[widgets.Widget]:
-        preview = widgets.Button(description="Preview", icon="table", layout=widgets.Layout(width="86px"))
+        preview = widgets.Button(description="Preview", icon="table", layout=widgets.Layout(width="96px"))
         reauth = widgets.Button(description="Re-authenticate", layout=widgets.Layout(width="126px"),
                                 button_style="warning" if connection.status == NEEDS_REAUTH else "")
         delete = widgets.Button(description="Delete", button_style="danger", layout=widgets.Layout(width="66px"))
@@ -288,7 +288,8 @@ class ConnectionsPanel:
         cancel.on_click(lambda _: self.flow.cancel() if self.flow else None)
         self.body.children = [
             widgets.HTML("<h3 style='margin:0 0 8px'>Allow access in your browser</h3>"
-                         f"<p>1. Open <a href='{link}' target='_blank' rel='noopener'>{link}</a> "
+                         f"<p>1. Open <a href='{link}' target='_blank' rel='noopener' "
+                         f"style='color:#1d4ed8;text-decoration:underline;font-weight:600'>{link}</a> "
                          "(it opens in a new tab).</p><p>2. Check that it shows this code, then sign in with "
                          "Stripe:</p>"),
             self.code_label, self.countdown,

@@ -130,8 +130,6 @@ def test_drop_cuts_the_body_and_the_server_keeps_serving():
             assert response.status_code == 200 and len(response.json()["data"]) == 100
 
 
-@pytest.mark.xfail(strict=True, reason="sandbox bug: server._stripe_error logs every injected drop "
-                   "(DroppedConnection) with a traceback on the 'mbi_widgets.sandbox' logger")
 def test_drop_is_not_logged_as_a_server_error(caplog):
     """Injected drops are expected (`server._QuietDrops` says so): they must not log a traceback."""
     with Sandbox(seed=2, scale=20) as sandbox:

@@ -114,7 +114,18 @@ LISTS: dict[str, ListSpec] = {
 SUBLISTS = {"lines": ("invoice_lines", "invoice"), "refunds": ("charge_refunds", "charge")}
 _NOUNS = {"customers": "customer", "charges": "charge", "coupons": "coupon", "invoices": "invoice",
           "plans": "plan", "prices": "price", "products": "product", "subscriptions": "subscription",
-          "refunds": "refund", "events": "event", "subscription_items": "subscription_item"}
+          "refunds": "refund", "events": "event", "subscription_items": "subscription_item", "lines": "line_item"}
+#: Filters that compare one stored attribute (list values mean "any of"): list -> param -> attribute.
+_EQUALITY_FILTERS = {
+    "charges": {"payment_intent": "payment_intent", "transfer_group": "transfer_group"},
+    "prices": {"currency": "currency", "type": "type", "lookup_keys": "lookup_key"},
+    "products": {"ids": "id", "shippable": "shippable", "url": "url"},
+    "invoices": {"collection_method": "collection_method"},
+    "subscriptions": {"collection_method": "collection_method"},
+    "customers": {"test_clock": "test_clock"},
+    "events": {"delivery_success": "delivery_success"},
+}
+_BOOLEAN_FILTERS = {"shippable", "delivery_success"}
 _SUBSCRIPTION_STATUSES = {"active", "all", "canceled", "ended", "incomplete", "incomplete_expired",
                           "past_due", "paused", "trialing", "unpaid"}
 _INVOICE_STATUSES = {"draft", "open", "paid", "uncollectible", "void"}
@@ -130,19 +141,18 @@ class ListQuery:
     keep: Callable[[Record], bool] | None = None
 
 
-def _created_window(value: Any) -> tuple[int | None, int | None, int | None, int | None]:
+def _created_window(value: Any, param: str = "created") -> tuple[int | None, int | None, int | None, int | None]:
     if isinstance(value, str):
-        exact = _integer(value, "created")
+        exact = _integer(value, param)
         return None, exact, None, exact
     if isinstance(value, dict):
         unknown = set(value) - {"gt", "gte", "lt", "lte"}
         if unknown:
             name = sorted(unknown)[0]
-            raise StripeHTTPError(400, f"Received unknown parameter: created[{name}]", param=f"created[{name}]")
-        return tuple(_integer(value[k], f"created[{k}]") if k in value else None  # type: ignore[return-value]
+            raise StripeHTTPError(400, f"Received unknown parameter: {param}[{name}]", param=f"{param}[{name}]")
+        return tuple(_integer(value[k], f"{param}[{k}]") if k in value else None  # type: ignore[return-value]
                      for k in ("gt", "gte", "lt", "lte"))
-    raise StripeHTTPError(400, "Invalid created: expected an integer or a hash of gt, gte, lt, lte",
-                          param="created")
+    raise StripeHTTPError(400, f"Invalid {param}: expected an integer or a hash of gt, gte, lt, lte", param=param)
 
 
 def _expansions(params: dict[str, Any]) -> list[str]:
@@ -165,7 +175,8 @@ def _type_matcher(pattern: str) -> Callable[[str], bool]:
 def _filters(resource: str, params: dict[str, Any]) -> list[Callable[[Record], bool]]:
     """Record predicates for the resource-specific filters present in `params`."""
     checks: list[Callable[[Record], bool]] = []
-    for name in ("status", "type", "price", "plan"):
+    for name in ("status", "type", "price", "plan", "payment_intent", "transfer_group", "currency", "shippable",
+                 "url", "collection_method", "test_clock", "delivery_success"):
         if name in params and not isinstance(params[name], str):
             raise StripeHTTPError(400, f"Invalid string: {name}", param=name)
     for name in ("customer", "subscription", "charge", "product", "email"):
@@ -174,6 +185,16 @@ def _filters(resource: str, params: dict[str, Any]) -> list[Callable[[Record], b
             if not isinstance(wanted, str):
                 raise StripeHTTPError(400, f"Invalid string: {name}", param=name)
             checks.append(lambda r, n=name, w=wanted: r.attrs.get(n) == w)
+    for name, attr in _EQUALITY_FILTERS.get(resource, {}).items():
+        if name in params:
+            wanted = params[name]
+            if isinstance(wanted, list):  # lookup_keys[], ids[]: membership
+                wanted_set = set(wanted)
+                checks.append(lambda r, a=attr, w=wanted_set: r.attrs.get(a) in w)
+            elif wanted in ("true", "false") and name in _BOOLEAN_FILTERS:
+                checks.append(lambda r, a=attr, w=wanted == "true": r.attrs.get(a) is w)
+            else:
+                checks.append(lambda r, a=attr, w=wanted: r.attrs.get(a) == w)
     if "active" in params:
         if params["active"] not in ("true", "false"):
             raise StripeHTTPError(400, f"Invalid boolean: {params['active']}", param="active")
@@ -193,6 +214,11 @@ def _filters(resource: str, params: dict[str, Any]) -> list[Callable[[Record], b
         price = params.get("price") or params.get("plan")
         if price is not None:
             checks.append(lambda r: price in r.attrs["prices"])
+    if resource == "invoices" and "due_date" in params:
+        gt, gte, lt, lte = _created_window(params["due_date"], "due_date")
+        checks.append(lambda r: (d := r.attrs.get("due_date")) is not None
+                      and (gt is None or d > gt) and (gte is None or d >= gte)
+                      and (lt is None or d < lt) and (lte is None or d <= lte))
     if resource == "invoices" and "status" in params:
         status = params["status"]
         if status not in _INVOICE_STATUSES:
@@ -356,7 +382,7 @@ def routes(state: "SandboxState") -> list[Route]:
                 raise StripeHTTPError(404, f"No such {noun}: '{object_id}'", code="resource_missing", param="id")
             collection = Collection([], newest_first=False)
         url = f"/v1/{parent}/{object_id}/{kind}"
-        return stripe_response(sublist_page(collection, url, _NOUNS.get(kind, "line_item"), parse_params(request.url.query)))
+        return stripe_response(sublist_page(collection, url, kind, parse_params(request.url.query)))
 
     return [
         Route("/v1/account", account, methods=["GET"]),

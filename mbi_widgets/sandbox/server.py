@@ -153,6 +153,8 @@ class SandboxState:
 async def _stripe_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, StripeHTTPError):
         return exc.response()
+    if isinstance(exc, DroppedConnection):
+        raise exc  # an injected fault, not a bug: the server closes the connection without logging it
     logging.getLogger("mbi_widgets.sandbox").exception("sandbox error on %s %s", request.method, request.url.path)
     return StripeHTTPError(500, "An unknown error occurred in the sandbox.", type_="api_error").response()
 

@@ -141,10 +141,11 @@ def build_dataset(history: History) -> Dataset:
     items: dict[str, Collection] = {}
     refunds_by_charge: dict[str, Collection] = {}
 
-    customers = [serialise(render.customer(c, now), {"email": c.email}) for c in history.customers]
+    customers = [serialise(render.customer(c, now), {"email": c.email, "test_clock": None}) for c in history.customers]
     charges = []
     for ch in history.charges:
-        charges.append(serialise(render.charge(ch, now), {"customer": ch.customer.id}, expandable=True))
+        charges.append(serialise(render.charge(ch, now), {"customer": ch.customer.id, "payment_intent": ch.payment_intent,
+                                                          "transfer_group": None}, expandable=True))
         if ch.refunds:
             refunds_by_charge[ch.id] = Collection(
                 [serialise(render.refund(r)) for r in reversed(ch.refunds)], newest_first=False)
@@ -153,7 +154,8 @@ def build_dataset(history: History) -> Dataset:
         sub_id = inv.subscription.id if inv.subscription else None
         body = render.invoice(inv, now)
         invoices.append(serialise(body, {"customer": inv.customer.id, "status": body["status"],
-                                         "subscription": sub_id}, expandable=True))
+                                         "subscription": sub_id, "collection_method": body["collection_method"],
+                                         "due_date": body["due_date"]}, expandable=True))
         lines[inv.id] = Collection([serialise(render.invoice_line(line, inv)) for line in inv.lines],
                                    newest_first=False)
     subscriptions = []
@@ -161,7 +163,8 @@ def build_dataset(history: History) -> Dataset:
         body = render.subscription(sub, now)
         prices = {item.plan.id for item in sub.items}
         subscriptions.append(serialise(body, {"customer": sub.customer.id, "status": body["status"],
-                                              "prices": prices}, expandable=True))
+                                              "prices": prices, "collection_method": body["collection_method"]},
+                                       expandable=True))
         items[sub.id] = Collection([serialise(render.subscription_item(item, sub, now)) for item in sub.items],
                                    newest_first=False)
     collections = {
@@ -171,13 +174,18 @@ def build_dataset(history: History) -> Dataset:
         "invoices": Collection(invoices),
         "plans": Collection(serialise(render.plan(p), {"product": p.product.id, "active": p.active})
                             for p in history.plans),
-        "prices": Collection(serialise(render.price(p), {"product": p.product.id, "active": p.active})
+        "prices": Collection(serialise(render.price(p), {"product": p.product.id, "active": p.active,
+                                                         "currency": p.currency, "type": "recurring",
+                                                         "lookup_key": p.lookup_key})
                              for p in history.plans),
-        "products": Collection(serialise(render.product(p, now), {"active": p.active})
+        "products": Collection(serialise(render.product(p, now), {"active": p.active, "id": p.id, "shippable": None,
+                                                                  "url": None})
                                for p in history.products),
         "subscriptions": Collection(subscriptions),
         "refunds": Collection(serialise(render.refund(r), {"charge": r.charge.id}) for r in history.refunds),
-        "events": Collection(serialise(render.event(e), {"type": e.type}) for e in history.events),
+        # Sandbox events have no webhook endpoints, so no delivery ever failed.
+        "events": Collection(serialise(render.event(e), {"type": e.type, "delivery_success": True})
+                             for e in history.events),
     }
     return Dataset(
         account=orjson.dumps(render.account(history.account)),

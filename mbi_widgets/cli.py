@@ -79,9 +79,18 @@ Press Ctrl-C to stop.""", flush=True)
                "--ServerApp.port_retries=0"]
     if os.geteuid() == 0:
         command.append("--allow-root")
+    lab = subprocess.Popen(command, cwd=Path(notebooks))
+    # SIGTERM (kill, systemd, docker stop) must take JupyterLab and its kernels along, not orphan them.
+    signal.signal(signal.SIGTERM, lambda *_: lab.terminate())
     try:
-        return subprocess.call(command, cwd=Path(notebooks))
+        return lab.wait()
     except KeyboardInterrupt:
+        # Ctrl-C reached JupyterLab too; let it shut its kernels down cleanly.
+        lab.terminate()
+        try:
+            lab.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            lab.kill()
         return 0
 
 

@@ -315,8 +315,7 @@ def test_demo_starts_jupyterlab_and_ctrl_c_stops_it():
 
 
 @needs_jupyterlab
-@pytest.mark.xfail(strict=True, reason="cmd_demo installs no SIGTERM handler: `kill <pid>` ends the CLI at once "
-                   "and leaves its JupyterLab child running, orphaned, with a valid token")
+# Guards: SIGTERM must not leave JupyterLab running, orphaned, with a valid token.
 def test_demo_stopped_with_sigterm_takes_jupyterlab_with_it():
     with launched(MODULE, "demo", "--scale", "20") as proc:
         url = start_lab_demo(proc)

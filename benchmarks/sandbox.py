@@ -8,14 +8,13 @@ the figures are the server's, not this client's. Clients read raw bytes without 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import threading
 import time
 
 import requests
 
+from benchmarks import sandbox_process
 from mbi_widgets.sandbox import Sandbox
 
 SEVEN = ("customers", "charges", "coupons", "invoices", "plans", "subscriptions", "events")
@@ -80,10 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"generate scale=bench: {elapsed:.1f} s for {sum(counts.values()):,} objects in the seven tables "
           f"({', '.join(f'{k} {v:,}' for k, v in counts.items())})")
 
-    server = subprocess.Popen([sys.executable, "-m", "mbi_widgets.cli", "sandbox", "--scale", "bench"],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        info = json.loads(server.stdout.readline())
+    with sandbox_process("--scale", "bench") as info:
         api_url, key = info["api_url"], info["restricted_key"]
         pages = cursors(api_url, key)
         for connections in args.connections:
@@ -92,9 +88,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"serve charges, limit=100, {connections} connection(s): {rate:,.0f} pages/s, "
                   f"{rate * 100:,.0f} objects/s, {size / args.seconds / 1e6:,.1f} MB/s "
                   f"(server in one process, {len(pages):,} distinct pages)")
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
     return 0
 
 

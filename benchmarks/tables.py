@@ -14,8 +14,6 @@ and, CPU only, the cost of shaping a page into columns next to parsing it.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import time
 
@@ -23,16 +21,10 @@ import orjson
 import requests
 import stripe
 
+from benchmarks import sandbox_process
 from mbi_widgets.tables.schema import schema
 from mbi_widgets.tables.shape import Shaper
 from mbi_widgets.tables.source import StripeSource
-
-
-def start_sandbox(rate_limits: str, latency_ms: float) -> tuple[subprocess.Popen, dict]:
-    process = subprocess.Popen([sys.executable, "-m", "mbi_widgets.cli", "sandbox", "--scale", "bench",
-                                "--rate-limits", rate_limits, "--latency-ms", str(latency_ms)],
-                               stdout=subprocess.PIPE, text=True)
-    return process, json.loads(process.stdout.readline())
 
 
 def sequential_pager(info: dict, seconds: float) -> float:
@@ -84,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     for mode in ("test", "live"):
-        process, info = start_sandbox(mode, args.latency_ms)
-        try:
+        with sandbox_process("--scale", "bench", "--rate-limits", mode, "--latency-ms", str(args.latency_ms)) as info:
             print(f"{mode} mode limits, {args.latency_ms:.0f} ms latency per request, scale=bench:")
             if mode == "test":
                 pager = sequential_pager(info, args.seconds)
@@ -101,9 +92,6 @@ def main(argv: list[str] | None = None) -> int:
                 parse, shape, as_objects = shaping_cost(info)
                 print(f"CPU per page of 100 charges: parse {parse:.1f} ms, shape into columns {shape:.1f} ms, "
                       f"stripe-python StripeObjects {as_objects:.1f} ms (budget at 100 pages/s: 10 ms)")
-        finally:
-            process.terminate()
-            process.wait(timeout=10)
     return 0
 
 

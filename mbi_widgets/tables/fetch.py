@@ -25,6 +25,8 @@ from mbi_widgets.ratelimits import RateLimits, TokenBucket
 STRIPE_EPOCH = 1_293_840_000
 #: Windows narrower than this (seconds) are not split further.
 MIN_SPLIT_SPAN = 2
+#: Extra windows a large table starts with, besides the one its first page opened.
+INITIAL_SPLITS = 7
 #: A window is split only when it is estimated to hold at least this many more objects, so
 #: that splitting saves more requests than it costs (each new window costs a partial page).
 MIN_SPLIT_OBJECTS = 400
@@ -375,11 +377,11 @@ class Job:
             return task
         return self._split()
 
-    def _split(self) -> Window | None:
-        """Halves the window with the most time left; the idle worker takes the older half."""
+    def _split(self, *, table: str | None = None, busy: bool = True) -> Window | None:
+        """Halves the window with the most objects left (of `table`, if given); returns the older half."""
         floor = self._floor if self._floor is not None else STRIPE_EPOCH
         candidates = [w for w in self._windows if not w.done and w.pages > 0 and w.span(floor) > MIN_SPLIT_SPAN
-                      and w.remaining(floor) >= MIN_SPLIT_OBJECTS]
+                      and w.remaining(floor) >= MIN_SPLIT_OBJECTS and (table is None or w.table == table)]
         if not candidates:
             return None
         widest = max(candidates, key=lambda w: w.remaining(floor))
@@ -387,7 +389,7 @@ class Job:
         middle = (low + widest.top) // 2
         if middle <= low or (widest.lo is not None and middle <= widest.lo):
             return None
-        older = Window(widest.table, widest.lo, middle, top=middle - 1, busy=True, density=widest.density)
+        older = Window(widest.table, widest.lo, middle, top=middle - 1, busy=busy, density=widest.density)
         widest.lo = middle
         self._windows.append(older)
         self.fetcher._count(windows=1)
@@ -416,6 +418,12 @@ class Job:
             self.fetcher._count(windows=1)
             with self._lock:
                 self._windows.append(window)
+                # A large table starts with a few windows at once, so its endpoint's budget fills up even
+                # while every worker is busy with other tables; idle workers keep halving them later.
+                for _ in range(INITIAL_SPLITS):
+                    if self._split(table=table, busy=False) is None:
+                        break
+                self._lock.notify_all()
 
     def _page(self, window: Window) -> None:
         plan = self.plans[window.table]

@@ -260,7 +260,7 @@ class DeviceFlow:
         self._cancel = threading.Event()
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     @property
     def state(self) -> FlowState:
@@ -269,11 +269,15 @@ class DeviceFlow:
     def observe(self, callback: Callable[[FlowState], None]) -> None:
         self._observers.append(callback)
 
-    def _set(self, state: FlowState) -> None:
+    def _set(self, state: FlowState, cancel: threading.Event | None = None) -> None:
+        # One lock over the check, the change and the notifications: a cancel() landing while the
+        # polling thread steps is neither overwritten nor announced out of order.
         with self._lock:
+            if cancel is not None and cancel.is_set():
+                return
             self._state = state
-        for callback in list(self._observers):
-            callback(state)
+            for callback in list(self._observers):
+                callback(state)
 
     def start(self) -> FlowState:
         """Asks the relay for a code and starts polling; returns Waiting, or Failed when the relay is unreachable."""
@@ -303,15 +307,16 @@ class DeviceFlow:
                     return
                 current, wait = step(current, answer, self._clock())
                 if current != self._state:
-                    self._set(current)
+                    self._set(current, cancel)
         finally:
             done.set()
 
     def cancel(self) -> None:
         """Stops polling at once; the flow goes back to Idle (a code already shown simply expires)."""
-        self._cancel.set()
-        if isinstance(self._state, Waiting):
-            self._set(Idle())
+        with self._lock:
+            self._cancel.set()
+            if isinstance(self._state, Waiting):
+                self._set(Idle())
         self._done.set()
 
     def wait(self, timeout: float | None = None) -> FlowState:

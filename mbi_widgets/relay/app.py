@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import logging
+import math
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
@@ -127,7 +128,8 @@ class Relay:
         return JSONResponse({
             "device_code": device_code, "user_code": shown, "verification_uri": f"{base}/device",
             "verification_uri_complete": f"{base}/device?user_code={shown}",
-            "expires_in": int(self.config.session_ttl), "interval": int(self.config.interval)},
+            # Round the interval up: a client that waits what is advertised must never be told slow_down.
+            "expires_in": int(self.config.session_ttl), "interval": math.ceil(self.config.interval)},
             headers={"Cache-Control": "no-store"})
 
     async def device_token(self, request: Request) -> Response:
@@ -178,7 +180,9 @@ class Relay:
             self._guesses[client].append(time.monotonic())
             return page("Enter your code", _code_form("That code is not valid or has expired. Check the code in "
                                                        "your notebook, or start again there to get a new one."), 400)
-        return page("Allow access", self._access_request(session))
+        # Off the event loop: building the URL takes the process-wide OAuth transport lock, which an
+        # in-process client (the sandbox in a notebook) may hold while it waits for this very server.
+        return page("Allow access", await run_in_threadpool(self._access_request, session))
 
     def _throttled(self, client: str) -> bool:
         recent = self._guesses[client]

@@ -84,6 +84,7 @@ class SessionStore:
         self._db.row_factory = sqlite3.Row
         self._db.execute("pragma journal_mode=wal")
         self._db.execute("pragma busy_timeout=5000")
+        self._db.execute("pragma secure_delete=on")  # erased tokens are zeroed, not left in free space
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
 
@@ -150,10 +151,14 @@ class SessionStore:
             except BaseException:
                 self._db.execute("rollback")
                 raise
+            # The write-ahead log still holds the page with the tokens: fold it in and empty it.
+            self._db.execute("pragma wal_checkpoint(TRUNCATE)")
         return json.loads(row["tokens"]) if row and row["tokens"] else None
 
     def purge_expired(self) -> int:
         """Deletes expired sessions (and any tokens they still held)."""
         with self._lock:
             cursor = self._db.execute("delete from sessions where expires < ?", (time.time() - 60,))
+            if cursor.rowcount:
+                self._db.execute("pragma wal_checkpoint(TRUNCATE)")
         return cursor.rowcount

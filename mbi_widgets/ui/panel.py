@@ -74,7 +74,8 @@ SOURCE_TYPES = (SourceType("Stripe", "stripe.svg", "Payments, subscriptions and 
 
 
 def _banner(text: str, kind: str) -> str:
-    colours = {"success": ("#e6f4ea", "#1e7e34"), "error": ("#fdecea", "#b42318"), "info": ("#eef4ff", "#1d4ed8")}
+    colours = {"success": ("#e6f4ea", "#1e7e34"), "error": ("#fdecea", "#b42318"), "info": ("#eef4ff", "#1d4ed8"),
+               "warning": ("#fff4e5", "#a15c00")}
     background, colour = colours[kind]
     return (f'<div role="status" style="background:{background};color:{colour};padding:10px 14px;border-radius:4px;'
             f'font-weight:600">{html.escape(text)}</div>')
@@ -162,11 +163,11 @@ class ConnectionsPanel:
 
     def _sources_table(self) -> widgets.Widget:
         connections = self.registry.list()
+        self.rows: dict[str, list[widgets.Widget]] = {}  # the rows shown now (none is stale after a delete)
         if not connections:
             return widgets.HTML("<p style='color:#4b5563'>No data sources yet. Click <b>Add a Data Source</b> to "
                                 "connect Stripe.</p>")
         cells: list[widgets.Widget] = [widgets.HTML(f"<div class='mbi-head'>{c}</div>") for c in COLUMNS]
-        self.rows: dict[str, list[widgets.Widget]] = {}
         for connection in connections:
             row = self._row(connection)
             self.rows[connection.id] = row
@@ -245,13 +246,18 @@ class ConnectionsPanel:
         self.key_form = widgets.Accordion(children=[key_form], titles=("Use a restricted API key instead",))
         self.key_form.selected_index = None
         back = widgets.Button(description="Back", icon="arrow-left")
-        back.on_click(lambda _: self.show_data_sources())
+        back.on_click(lambda _: self._leave_authorization())
         verb = "Re-authenticate" if reauth_id else "Stripe authorization"
         self.body.children = [
             widgets.HTML(f"<h3 style='margin:0 0 8px'>{verb}</h3><p>mbi-widgets will get <b>read-only access</b> "
                          "to your Stripe account's data: customers, charges, coupons, invoices, plans, subscriptions "
                          "and events. It cannot move money or change anything.</p>" + no_relay),
             self.connect_button, self.key_form, back]
+
+    def _leave_authorization(self) -> None:
+        """The user gave up (Back, Cancel): a later connect adds a connection, it re-authenticates none."""
+        self._reauth_id = None
+        self.show_data_sources()
 
     # --- device-style link ----------------------------------------------------------------------
 
@@ -285,7 +291,7 @@ class ConnectionsPanel:
         self.code_label = widgets.HTML(f"<div class='mbi-code'>{html.escape(waiting.user_code)}</div>")
         self.countdown = widgets.HTML()
         cancel = widgets.Button(description="Cancel", icon="times")
-        cancel.on_click(lambda _: self.flow.cancel() if self.flow else None)
+        cancel.on_click(lambda _: (self.flow.cancel() if self.flow else None, self._leave_authorization()))
         self.body.children = [
             widgets.HTML("<h3 style='margin:0 0 8px'>Allow access in your browser</h3>"
                          f"<p>1. Open <a href='{link}' target='_blank' rel='noopener' "
@@ -311,7 +317,7 @@ class ConnectionsPanel:
         retry = widgets.Button(description="Try again", button_style="primary", icon="redo")
         retry.on_click(lambda _: self.show_authorization(reauth_id=self._reauth_id))
         back = widgets.Button(description="Back to Data Sources")
-        back.on_click(lambda _: (self._set_banner(), self.show_data_sources()))
+        back.on_click(lambda _: (self._set_banner(), self._leave_authorization()))
         self.body.children = [widgets.HBox([retry, back])]
 
     def _connected(self, token: StripeToken) -> None:
@@ -327,11 +333,14 @@ class ConnectionsPanel:
                                            relay_url=self.relay_url)
         self._finish_connection(connection)
 
-    def _finish_connection(self, connection: Connection) -> None:
+    def _finish_connection(self, connection: Connection, warning: str | None = None) -> None:
         self._reauth_id = None
         tested = self.registry.test(connection.id)
         self._sources.pop(connection.id, None)
-        if tested.status == SUCCESS:
+        if tested.status == SUCCESS and warning:
+            # The key form is about to be replaced by Data Sources: the warning goes where the user looks.
+            self._set_banner(f"Connection successful! {warning}", "warning")
+        elif tested.status == SUCCESS:
             self._set_banner("Connection successful!", "success")
         else:
             self._set_banner(f"{tested.name}: {tested.status}. {tested.status_message}", "error")
@@ -381,7 +390,7 @@ class ConnectionsPanel:
                                            api_base=self._api_base())
         if check.warning:
             self.key_message.value = f"<span style='color:#a15c00'>{html.escape(check.warning)}</span>"
-        self._finish_connection(connection)
+        self._finish_connection(connection, warning=check.warning)
         return self.registry.get(connection.id)
 
     # --- row actions --------------------------------------------------------------------------------

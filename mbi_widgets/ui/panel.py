@@ -424,7 +424,12 @@ class ConnectionsPanel:
         if getattr(error, "code", None) == "authentication_failed":
             for connection in self.registry.list():
                 self.registry.test(connection.id)
-            self.show_data_sources()
+            if self._showing_data_sources():  # never pull the admin off the view they are using
+                self.show_data_sources()
+
+    def _showing_data_sources(self) -> bool:
+        header = self.body.children[0] if self.body.children else None
+        return header is not None and self.add_button in getattr(header, "children", ())
 
     # --- Python access -------------------------------------------------------------------------------
 

@@ -25,8 +25,10 @@ from mbi_widgets.ratelimits import RateLimits, TokenBucket
 STRIPE_EPOCH = 1_293_840_000
 #: Windows narrower than this (seconds) are not split further.
 MIN_SPLIT_SPAN = 2
+#: Requests a budget may send back to back after a pause (Stripe's own buckets hold a second's worth).
+BURST = 2
 #: Extra windows a large table starts with, besides the one its first page opened.
-INITIAL_SPLITS = 7
+INITIAL_SPLITS = 15
 #: A window is split only when it is estimated to hold at least this many more objects, so
 #: that splitting saves more requests than it costs (each new window costs a partial page).
 MIN_SPLIT_OBJECTS = 400
@@ -59,7 +61,8 @@ class RequestRejected(StripeSourceError):
 class RateBudget:
     """Paces requests to one account's limits; shared by every table fetched from that account.
 
-    Requests are spaced evenly (bucket capacity 1), so bursts never trip Stripe's limiter; a 429
+    Requests are spaced evenly, with room for one extra request so that a thread waking a little
+    late does not lose its slot for good (`BURST`); bursts never trip Stripe's limiter. A 429
     still slows the pace down for a while (multiplicative decrease, additive recovery).
     """
 
@@ -69,7 +72,7 @@ class RateBudget:
     def __init__(self, limits: RateLimits) -> None:
         self.limits = limits
         self._lock = threading.Lock()
-        self._account = TokenBucket(limits.per_account, capacity=1)
+        self._account = TokenBucket(limits.per_account, capacity=BURST)
         self._endpoints: dict[str, TokenBucket] = {}
         self._scale = 1.0
 
@@ -88,7 +91,7 @@ class RateBudget:
                 now = time.monotonic()
                 bucket = self._endpoints.get(endpoint)
                 if bucket is None:
-                    bucket = self._endpoints[endpoint] = TokenBucket(self.limits.per_endpoint * self._scale, capacity=1)
+                    bucket = self._endpoints[endpoint] = TokenBucket(self.limits.per_endpoint * self._scale, capacity=BURST)
                 wait = max(self._account.wait_time(now), bucket.wait_time(now))
                 if wait == 0:
                     self._account.take(now)

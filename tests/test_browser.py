@@ -45,6 +45,10 @@ def jupyterlab(tmp_path_factory):
     settings = home / "config" / "lab" / "user-settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True)
     (settings / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false"}))
+    # Save widget state into the .ipynb, so the secret check below covers it too.
+    widget_settings = home / "config" / "lab" / "user-settings" / "@jupyter-widgets" / "jupyterlab-manager"
+    widget_settings.mkdir(parents=True)
+    (widget_settings / "plugin.jupyterlab-settings").write_text(json.dumps({"saveState": True}))
     env = dict(os.environ, JUPYTER_CONFIG_DIR=str(home / "config"), JUPYTER_DATA_DIR=str(home / "data"),
                JUPYTER_RUNTIME_DIR=str(home / "runtime"), IPYTHONDIR=str(home / "ipython"))
     port, token = _free_port(), secrets.token_hex(12)
@@ -152,7 +156,9 @@ def test_connect_stripe_and_preview_charges_in_jupyterlab(jupyterlab):
         browser.close()
 
     saved = (jupyterlab["notebooks"] / "01_connect_stripe.ipynb").read_text()
-    assert "Add a Data Source" in saved or "application/vnd.jupyter.widget-view+json" in saved  # outputs were saved
+    assert "application/vnd.jupyter.widget-view+json" in saved  # the panel's output was saved...
+    assert "application/vnd.jupyter.widget-state+json" in saved  # ...and so was the widget state
+    assert "Northwind Analytics" in saved
     for pattern in SECRET_PATTERNS:
         assert not re.search(pattern, saved), f"the saved notebook contains a secret matching {pattern}"
     assert password not in saved

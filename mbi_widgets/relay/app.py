@@ -20,7 +20,7 @@ from requests_oauthlib import OAuth2Session
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from mbi_widgets.auth import CLIENT_ID, DEVICE_GRANT
@@ -34,7 +34,6 @@ from mbi_widgets.relay.sessions import (
     Session,
     SessionStore,
     format_user_code,
-    normalise_user_code,
 )
 
 log = logging.getLogger("mbi_widgets.relay")

@@ -25,7 +25,8 @@ from mbi_widgets.errors import MbiError, SandboxError
 from mbi_widgets.relay import RelayConfig, create_app as create_relay_app
 from mbi_widgets.serving import BackgroundServer
 from mbi_widgets.sandbox.control import FaultPlan, Faults, RateLimits
-from mbi_widgets.sandbox.credentials import SandboxAccount, redact
+from mbi_widgets.redaction import redact
+from mbi_widgets.sandbox.credentials import SandboxAccount
 from mbi_widgets.sandbox.generator import DAY, History, scale_to_customers
 from mbi_widgets.sandbox.server import AccountSeed, SandboxState, build_app
 from mbi_widgets.sandbox.store import Dataset

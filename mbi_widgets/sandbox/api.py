@@ -16,7 +16,6 @@ from mbi_widgets.sandbox.store import Collection, Dataset, Record, list_body, wi
 
 if TYPE_CHECKING:
     from mbi_widgets.sandbox.server import SandboxState
-    from mbi_widgets.sandbox.credentials import Principal
 
 
 class StripeHTTPError(Exception):

@@ -9,7 +9,6 @@ import secrets
 import threading
 from dataclasses import dataclass, field
 
-from mbi_widgets.redaction import redact
 
 #: Resources a key can be granted read access to (Stripe groups them the same way).
 RESOURCES = frozenset({"customers", "charges", "coupons", "invoices", "plans", "prices", "products",

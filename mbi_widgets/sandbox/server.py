@@ -16,7 +16,8 @@ from starlette.routing import Mount, Route
 from mbi_widgets.sandbox import api, connect
 from mbi_widgets.sandbox.api import StripeHTTPError
 from mbi_widgets.sandbox.control import ControlMiddleware, DroppedConnection, FaultPlan, RateLimiter, RateLimits
-from mbi_widgets.sandbox.credentials import Credentials, Principal, SandboxAccount, bearer_key, redact
+from mbi_widgets.redaction import redact
+from mbi_widgets.sandbox.credentials import Credentials, Principal, SandboxAccount, bearer_key
 from mbi_widgets.sandbox.generator import (
     EVENT_WINDOW_DAYS,
     DAY,

@@ -536,6 +536,21 @@ def test_preview_button_opens_that_connections_preview(panel, sandbox):
     assert ids == {record.id for record in sandbox.dataset(1).collections["customers"].records}
 
 
+def test_preview_click_retests_the_connection_and_refreshes_its_row(panel, sandbox):
+    """Guards: Last Connection Started/Duration describe the latest use, not only the first test."""
+    panel.connect_with_key(sandbox.restricted_key)
+    panel.wait(60)
+    before = panel.registry.list()[0]
+    assert before.last_started is not None
+    time.sleep(0.05)  # a lower bound only: the next test must start strictly later
+    row_action(panel, before.id, "Preview").click()
+    panel.wait(60)
+    after = panel.registry.get(before.id)
+    assert after.last_started > before.last_started
+    assert after.status == "Success"
+    assert before.id in panel.rows  # the table was redrawn with the fresh row
+
+
 def test_reauthenticate_replaces_the_secret_and_keeps_one_row(panel, sandbox):
     connection_id = connect_oauth(panel)
     old_token = panel.registry.secret(connection_id)

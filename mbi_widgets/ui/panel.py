@@ -194,7 +194,7 @@ class ConnectionsPanel:
         reauth = widgets.Button(description="Re-authenticate", layout=widgets.Layout(width="126px"),
                                 button_style="warning" if connection.status == NEEDS_REAUTH else "")
         delete = widgets.Button(description="Delete", button_style="danger", layout=widgets.Layout(width="66px"))
-        preview.on_click(lambda _: self.open_preview(connection.id))
+        preview.on_click(lambda _: self._preview_clicked(connection.id))
         reauth.on_click(lambda _: self.reauthenticate(connection.id))
         delete.on_click(lambda _: self._confirm_delete(connection))
         return [preview, reauth, delete]
@@ -412,6 +412,17 @@ class ConnectionsPanel:
             self.preview_box.children, self.preview = [], None
         self._set_banner(f"{name} was deleted.", "info")
         self.show_data_sources()
+
+    def _preview_clicked(self, connection_id: str) -> None:
+        """Opens the preview and re-tests the connection meanwhile, so its row shows this connection."""
+        self.open_preview(connection_id)
+
+        def retest() -> None:
+            self.registry.test(connection_id)
+            if self._showing_data_sources():
+                self.show_data_sources()
+
+        self._in_background(retest)
 
     def open_preview(self, connection_id: str) -> PreviewView:
         connection = self.registry.get(connection_id)

@@ -368,8 +368,7 @@ def _probe(connection: Connection, secret: str, http_client: stripe.HTTPClient |
         return NEEDS_REAUTH, (f"Stripe rejected the credential ({_stripe_message(exc, secret)}). The access was "
                               "revoked or the key is wrong: re-authenticate the connection.")
     except stripe.PermissionError as exc:
-        return ERROR, (f"The credential may not read the account ({_stripe_message(exc, secret)}). Give the "
-                       "restricted key Read access to Account data, or re-authenticate with a key that has it.")
+        return _probe_tables(client, secret, exc)
     except stripe.APIConnectionError as exc:
         return ERROR, (f"Could not reach {connection.api_base} ({_stripe_message(exc, secret)}). Check the "
                        "network connection and test again.")
@@ -379,6 +378,20 @@ def _probe(connection: Connection, secret: str, http_client: stripe.HTTPClient |
         return NEEDS_REAUTH, (f"The credential reads account {account.id}, not {connection.account_id}. "
                               "Re-authenticate with a credential for the right account.")
     return SUCCESS, "Connected."
+
+
+def _probe_tables(client: stripe.StripeClient, secret: str, denied: stripe.PermissionError) -> tuple[str, str]:
+    """A restricted key without Account access is fine if it reads the tables: check one of them."""
+    try:
+        client.v1.customers.list({"limit": 1})
+    except stripe.AuthenticationError as exc:
+        return NEEDS_REAUTH, (f"Stripe rejected the credential ({_stripe_message(exc, secret)}): re-authenticate "
+                              "the connection.")
+    except stripe.StripeError as exc:
+        return ERROR, (f"The credential may read neither the account ({_stripe_message(denied, secret)}) nor "
+                       f"customers ({_stripe_message(exc, secret)}). Give the restricted key Read access to the "
+                       "tables, or re-authenticate with a key that has it.")
+    return SUCCESS, "Connected (the key reads the tables but not the account's details)."
 
 
 def _stripe_message(exc: stripe.StripeError, secret: str) -> str:

@@ -483,15 +483,23 @@ def test_secret_key_is_accepted_with_a_visible_warning(panel, sandbox):
     assert "background:#fdecea" not in panel.banner.value  # a warning, not a failure
 
 
-def test_restricted_key_without_account_access_shows_an_error(panel, sandbox):
+def test_restricted_key_without_account_access_still_connects(panel, sandbox):
+    """Guards: a key that reads the tables but not the account's details is a working connection."""
     key = sandbox.create_restricted_key({"customers", "charges"})
     open_stripe_authorization(panel)
     save_key(panel, key)
     (connection,) = panel.registry.list()
-    assert connection.status == "Error"
-    assert row_status(panel, connection.id) == "Error"
-    assert "may not read the account" in text_of(panel.banner)
-    assert "background:#fdecea" in panel.banner.value
+    assert connection.status == "Success"
+    assert row_status(panel, connection.id) == "Success"
+    assert "Connection successful!" in text_of(panel.banner)
+    assert panel.preview is not None
+
+
+def test_restricted_key_reading_nothing_shows_an_error(panel, sandbox):
+    key = sandbox.create_restricted_key({"charges"})
+    open_stripe_authorization(panel)
+    save_key(panel, key)
+    assert "rak_customer_read" in text_of(panel.key_message) or "rak_customer_read" in text_of(panel.banner)
     assert panel.preview is None
 
 

@@ -559,6 +559,21 @@ def test_preview_click_retests_the_connection_and_refreshes_its_row(panel, sandb
     assert before.id in panel.rows  # the table was redrawn with the fresh row
 
 
+def test_relative_times_are_reworded_as_time_passes(panel, sandbox):
+    """Guards: 'just now' does not stay 'just now' on a panel left open."""
+    from datetime import datetime, timedelta, timezone
+
+    from mbi_widgets.registry import _iso
+
+    panel.connect_with_key(sandbox.restricted_key)
+    panel.wait(60)
+    (connection,) = panel.registry.list()
+    assert "just now" in panel.rows[connection.id][3].value
+    panel.registry._update(connection.id, last_started=_iso(datetime.now(timezone.utc) - timedelta(hours=2)))
+    panel.refresh_times()
+    assert "2 hours ago" in panel.rows[connection.id][3].value
+
+
 def test_reauthenticate_replaces_the_secret_and_keeps_one_row(panel, sandbox):
     connection_id = connect_oauth(panel)
     old_token = panel.registry.secret(connection_id)

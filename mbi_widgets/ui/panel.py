@@ -99,6 +99,7 @@ class ConnectionsPanel:
         self._reauth_id: str | None = None
         self._sources: dict[str, StripeSource] = {}
         self._owned: list[Callable[[], None]] = []
+        self._clock_stop = threading.Event()
         self._ticker: threading.Thread | None = None
         self._last_thread: threading.Thread | None = None
 
@@ -110,6 +111,7 @@ class ConnectionsPanel:
                                    layout=widgets.Layout(padding="8px 12px", max_width="1280px"))
         self.widget.add_class("mbi-panel")
         self.show_data_sources()
+        self._start_clock()
 
     @classmethod
     def demo(cls, **sandbox_options: Any) -> "ConnectionsPanel":
@@ -124,6 +126,7 @@ class ConnectionsPanel:
 
     def close(self) -> None:
         """Stops background work and anything the panel started (the demo sandbox)."""
+        self._clock_stop.set()
         if self.flow is not None:
             self.flow.cancel()
         for stop in reversed(self._owned):
@@ -188,6 +191,23 @@ class ConnectionsPanel:
                 cell(relative_time(connection.last_started)),
                 cell(duration(connection.last_duration)),
                 actions]
+
+    def refresh_times(self) -> None:
+        """Re-words 'Last Connection Started' ('just now' becomes 'a minute ago') without redrawing rows."""
+        for connection in self.registry.list():
+            row = getattr(self, "rows", {}).get(connection.id)
+            if row is not None:
+                row[3].value = f"<div class='mbi-cell'>{relative_time(connection.last_started)}</div>"
+
+    def _start_clock(self) -> None:
+        def tick() -> None:
+            while not self._clock_stop.wait(30):
+                try:
+                    self.refresh_times()
+                except MbiError:  # the registry went away (a closed demo): stop quietly
+                    return
+
+        threading.Thread(target=tick, name="mbi-panel-clock", daemon=True).start()
 
     def _actions(self, connection: Connection) -> list[widgets.Widget]:
         preview = widgets.Button(description="Preview", icon="table", layout=widgets.Layout(width="96px"))

@@ -569,3 +569,37 @@ def test_the_relay_command_without_the_secret_key_exits_2_naming_the_variable(tm
     assert "MBI_RELAY_SECRET_KEY" in done.stderr
     assert "serving" not in done.stdout
     assert list(tmp_path.iterdir()) == []  # no database was created
+
+
+def test_the_relay_command_serves_a_connect_platform_given_its_keys(sandbox, tmp_path):
+    """`mbi-widgets relay` run as a process for a platform (here the sandbox's) completes a device flow."""
+    port = closed_port()
+    relay_url = f"http://127.0.0.1:{port}"
+    sandbox.register_redirect_uri(f"{relay_url}/oauth/callback")
+    env = {name: value for name, value in os.environ.items() if not name.startswith("MBI_RELAY_")}
+    env["MBI_RELAY_SECRET_KEY"] = sandbox.secret_key
+    command = [sys.executable, "-m", "mbi_widgets.cli", "relay", "--client-id", sandbox.client_id,
+               "--connect-url", sandbox.connect_url, "--api-url", sandbox.api_url,
+               "--db", str(tmp_path / "relay.sqlite3"), "--port", str(port)]
+    relay = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert f"serving {relay_url}" in relay.stdout.readline()
+        deadline = time.monotonic() + 60
+        while True:  # uvicorn binds just after the banner
+            try:
+                requests.get(f"{relay_url}/device", timeout=2)
+                break
+            except requests.ConnectionError:
+                assert relay.poll() is None and time.monotonic() < deadline, "the relay process did not start"
+                time.sleep(0.1)
+        flow = DeviceFlow(relay_url)
+        waiting = flow.start()
+        assert isinstance(waiting, Waiting)
+        assert "Connection successful" in sandbox.approve(waiting.user_code, relay_url=relay_url)
+        state = flow.wait(60)
+        assert isinstance(state, Connected)
+        assert state.token.stripe_user_id == sandbox.accounts[0].id
+        assert sandbox.secret_key not in (tmp_path / "relay.sqlite3").read_bytes().decode("latin-1")
+    finally:
+        relay.terminate()
+        relay.wait(timeout=20)

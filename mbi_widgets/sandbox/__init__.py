@@ -197,25 +197,29 @@ class Sandbox:
                                f"{_text_of(answer.text)}")
         return answer.headers["location"]
 
-    def approve(self, user_code: str, email: str | None = None, password: str | None = None) -> str:
+    def approve(self, user_code: str, email: str | None = None, password: str | None = None, *,
+                relay_url: str | None = None) -> str:
         """Approves a device code as an admin would in a browser; returns the final page's text.
 
         Walks the relay's code page and access request, signs in on the Connect page (as the
         account with `email`, the first seeded account by default) and follows the callback.
+        `relay_url` picks another relay wired to this sandbox's Connect (default: the embedded one).
         """
-        return self._walk_device(user_code, email=email, password=password, deny=False)
+        return self._walk_device(user_code, email=email, password=password, deny=False, relay_url=relay_url)
 
-    def deny(self, user_code: str) -> str:
+    def deny(self, user_code: str, *, relay_url: str | None = None) -> str:
         """Like `approve`, but clicks Deny on the Connect page."""
-        return self._walk_device(user_code, email=None, password=None, deny=True)
+        return self._walk_device(user_code, email=None, password=None, deny=True, relay_url=relay_url)
 
-    def _walk_device(self, user_code: str, *, email: str | None, password: str | None, deny: bool) -> str:
+    def _walk_device(self, user_code: str, *, email: str | None, password: str | None, deny: bool,
+                     relay_url: str | None) -> str:
+        relay = (relay_url or self.relay_url).rstrip("/")
         account = next((a for a in self.accounts if email is None or a.email.lower() == email.lower()), None)
         if account is None:
             raise SandboxError(f"no seeded account signs in as {email!r}; use one of {[a.email for a in self.accounts]}")
         with requests.Session() as browser:
-            browser.get(f"{self.relay_url}/device", params={"user_code": user_code}, timeout=10)
-            access = browser.post(f"{self.relay_url}/device", data={"user_code": user_code}, timeout=10)
+            browser.get(f"{relay}/device", params={"user_code": user_code}, timeout=10)
+            access = browser.post(f"{relay}/device", data={"user_code": user_code}, timeout=10)
             link = re.search(r'href="([^"]+)"[^>]*>Sign in with Stripe to Continue', access.text)
             if access.status_code != 200 or link is None:
                 raise SandboxError(f"the relay did not accept code {user_code!r}: {_text_of(access.text)}")

@@ -124,8 +124,7 @@ class Registry:
         self.store: SecretStore = store if store is not None else default_store()
         self._http_client = http_client
         ensure_private_dir(self.path.parent)
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode = WAL")
+        self._enable_wal()
         with self._transaction() as db:
             db.execute(_SCHEMA)
             version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -137,6 +136,21 @@ class Registry:
 
     def __repr__(self) -> str:
         return f"Registry({str(self.path)!r}, store={self.store!r})"
+
+    def _enable_wal(self) -> None:
+        """Switches the file to WAL. The switch needs the file to itself for a moment and SQLite does not
+        wait for that (no busy handler), so two kernels opening a new registry at once retry here."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                with self._connect() as db:
+                    db.execute("PRAGMA journal_mode = WAL")
+                return
+            except RegistryError as exc:
+                locked = isinstance(exc.__cause__, sqlite3.OperationalError) and "locked" in str(exc.__cause__)
+                if not locked or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     # --- reading ---------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import time
 from datetime import UTC, timedelta
 from pathlib import Path
 from urllib.parse import urlencode
@@ -361,3 +362,19 @@ def test_timestamps_are_stored_in_utc(registry, sandbox):
         created, = db.execute("SELECT created FROM connections WHERE id = ?", (connection.id,)).fetchone()
     assert created.endswith("+00:00")
     assert registry.get(connection.id).created == connection.created.astimezone(UTC)
+
+
+def test_kernels_opening_a_new_registry_at_once_all_succeed(tmp_path):
+    """Guards: switching a new file to WAL does not wait for other openers; Registry() retries it."""
+    opener = ("import sys; from mbi_widgets.registry import Registry; from mbi_widgets.secretstore import MemoryStore; "
+              "sys.stdin.readline(); Registry(sys.argv[1], store=MemoryStore()); print('ok')")
+    for round_ in range(5):
+        path = tmp_path / f"round{round_}" / "connections.sqlite3"
+        openers = [subprocess.Popen([sys.executable, "-c", opener, str(path)], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(8)]
+        time.sleep(0.5)  # let every interpreter start, so that they open the file together
+        for process in openers:
+            process.stdin.write("go\n")
+            process.stdin.flush()
+        results = [process.communicate(timeout=60) for process in openers]
+        assert [out.strip() for out, _ in results] == ["ok"] * 8, [err[-300:] for _, err in results]

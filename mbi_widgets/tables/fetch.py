@@ -469,6 +469,11 @@ class Job:
         while self._children:
             self._child_page(self._children.popleft())
 
+    def frame(self, name: str, limit: int | None = None) -> Any:
+        """The collected rows of a table (newest first, at most `limit`) as a typed DataFrame."""
+        shaper = self.plans[name].shaper if name in self.plans else self._child_plan(name).shaper
+        return shaper.frame(self.collected[name].sorted_rows()[:limit])
+
     def _child_plan(self, name: str) -> "ChildPlan":
         for plan in self.plans.values():
             for child in plan.children:

@@ -115,7 +115,7 @@ class StripeSource:
             if len(collected.rows) >= rows or not payload["has_more"] or not payload["data"]:
                 break
             after = payload["data"][-1]["id"]
-        return self._frame(target, collected.sorted_rows()[:rows])
+        return job.frame(table, limit=rows)
 
     def table(self, table: str, *, since: datetime | None = None, progress: Progress | None = None) -> pd.DataFrame:
         """The whole table, or every object created since `since`; never silently short."""
@@ -143,10 +143,10 @@ class StripeSource:
                   progress=progress)
         job.fetcher.cancelled = lambda: job._error is not None  # noqa: SLF001 - stop sleeping retries early
         try:
-            collected = job.run()
+            job.run()
         finally:
             self.last_stats = job.fetcher.stats
-        return {name: self._frame(schema(name), collected[name].sorted_rows()) for name in wanted}
+        return {name: job.frame(name) for name in wanted}
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -167,9 +167,6 @@ class StripeSource:
                              lambda parent_id: {"subscription": parent_id})
         return ChildPlan(child.name, child.embedded_field or "", Shaper(child),
                          child.child_endpoint, lambda _: {})
-
-    def _frame(self, table: TableSchema, rows: list[dict]) -> pd.DataFrame:
-        return Shaper(table).frame(rows)
 
     def _account_floor(self) -> int:
         """The account's creation time: the lower bound used to split `created` ranges."""

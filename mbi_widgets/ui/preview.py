@@ -8,7 +8,6 @@ from typing import Callable
 import ipywidgets as widgets
 import pandas as pd
 
-from mbi_widgets.errors import MbiError
 from mbi_widgets.tables.schema import ALL_TABLES, schema
 from mbi_widgets.tables.source import StripeSource
 
@@ -137,10 +136,7 @@ class PreviewView:
         def target() -> None:
             try:
                 result = work()
-            except MbiError as exc:
-                failed(exc)
-                return
-            except Exception as exc:  # noqa: BLE001 - shown in the tab, and re-raised into the log by on_error
+            except Exception as exc:  # noqa: BLE001 - any failure is shown in the tab, never lost in a thread
                 failed(exc)
                 return
             done(result)

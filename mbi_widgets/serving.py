@@ -30,10 +30,12 @@ class BackgroundServer:
     """Runs `app` (or `make_app(base_url)`, for apps that must know their own URL) until stop()."""
 
     def __init__(self, app: Any = None, *, make_app: Callable[[str], Any] | None = None,
-                 host: str = "127.0.0.1", port: int = 0, name: str = "mbi-server") -> None:
+                 host: str = "127.0.0.1", port: int = 0, name: str = "mbi-server", date_header: bool = True) -> None:
         if (app is None) == (make_app is None):
             raise ValueError("give either app or make_app")
         self._app, self._make_app, self.host, self.port, self.name = app, make_app, host, port, name
+        #: False when the app sets `Date` itself (the sandbox answers with its simulated clock).
+        self.date_header = date_header
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self.url: str | None = None
@@ -43,7 +45,8 @@ class BackgroundServer:
         url = f"http://{self.host}:{sock.getsockname()[1]}"
         app = self._app if self._app is not None else self._make_app(url)  # type: ignore[misc]
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", http="httptools",
-                                loop="asyncio", timeout_graceful_shutdown=2, server_header=False)
+                                loop="asyncio", timeout_graceful_shutdown=2, server_header=False,
+                                date_header=self.date_header)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
                                         name=f"{self.name}-{sock.getsockname()[1]}", daemon=True)

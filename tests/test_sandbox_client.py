@@ -177,7 +177,7 @@ def test_expand_data_customer(client, sandbox, resource):
     for obj in page.data:
         assert isinstance(obj.customer, stripe.Customer)
         assert obj.customer.id == owner[obj.id].id
-        assert obj.customer.email == owner[obj.id].email
+        assert obj.customer.email == owner[obj.id].attrs(sandbox.now)["email"]
     assert all(isinstance(o.customer, str) for o in plain.data)
 
 

@@ -160,7 +160,7 @@ def test_full_sub_list_matches_the_generated_facts_and_starts_with_the_embedded_
     history = sandbox.history()
     truth = {"lines": {i.id: [line.id for line in i.lines] for i in history.invoices},
              "items": {s.id: [item.id for item in s.items] for s in history.subscriptions},
-             "refunds": {c.id: [r.id for r in reversed(c.refunds)] for c in history.charges}}[kind]
+             "refunds": {c.id: [r.id for r in reversed(c.refunds_at(sandbox.now))] for c in history.charges}}[kind]
     fetched = getattr(served, kind)
     for parent_id, children in fetched.items():
         ids = [child["id"] for child in children]
@@ -188,13 +188,20 @@ def test_sub_list_children_point_at_their_parent(served):
 
 # --- relationships ---------------------------------------------------------------------------------
 
-def test_every_charge_customer_exists(served):
-    customers = served.by_id["customers"]
+def existing_or_deleted_customers(served, sandbox) -> set[str]:
+    """Customers that list, and those deleted (their charges, invoices and subscriptions stay, as in Stripe)."""
+    deleted = set(sandbox.dataset().deleted["customers"])
+    assert deleted, "the demo data deletes some customers"
+    return set(served.by_id["customers"]) | deleted
+
+
+def test_every_charge_customer_exists(served, sandbox):
+    customers = existing_or_deleted_customers(served, sandbox)
     assert all(charge["customer"] in customers for charge in served.lists["charges"])
 
 
-def test_every_invoice_customer_and_subscription_exists(served):
-    customers, subscriptions = served.by_id["customers"], served.by_id["subscriptions"]
+def test_every_invoice_customer_and_subscription_exists(served, sandbox):
+    customers, subscriptions = existing_or_deleted_customers(served, sandbox), served.by_id["subscriptions"]
     invoices = served.lists["invoices"]
     assert all(invoice["customer"] in customers for invoice in invoices)
     assert all(invoice["subscription"] in subscriptions for invoice in invoices if invoice["subscription"])
@@ -204,8 +211,8 @@ def test_every_invoice_customer_and_subscription_exists(served):
             assert subscriptions[invoice["subscription"]]["customer"] == invoice["customer"]
 
 
-def test_every_subscription_and_refund_points_at_existing_objects(served):
-    customers, charges = served.by_id["customers"], served.by_id["charges"]
+def test_every_subscription_and_refund_points_at_existing_objects(served, sandbox):
+    customers, charges = existing_or_deleted_customers(served, sandbox), served.by_id["charges"]
     assert all(sub["customer"] in customers for sub in served.lists["subscriptions"])
     assert all(refund["charge"] in charges for refund in served.lists["refunds"])
     products, prices = served.by_id["products"], served.by_id["prices"]
@@ -250,12 +257,13 @@ def test_statuses_cover_the_lifecycle(served):
     assert {"succeeded", "failed"} <= charge_statuses
 
 
-def test_event_objects_exist_in_their_tables(served):
+def test_event_objects_exist_in_their_tables(served, sandbox):
     events = served.lists["events"]
     assert {e["data"]["object"]["object"] for e in events} >= {"customer", "charge", "invoice", "subscription"}
+    deleted = {obj_id for ids in sandbox.dataset().deleted.values() for obj_id in ids}
     for event in events:
         obj = event["data"]["object"]
-        assert obj["id"] in served.by_id[LISTED[obj["object"]]], (event["type"], obj["id"])
+        assert obj["id"] in served.by_id[LISTED[obj["object"]]] or obj["id"] in deleted, (event["type"], obj["id"])
         assert event["type"].split(".")[0] in (obj["object"], "customer")
 
 

@@ -53,15 +53,21 @@ class Sandbox:
     `scale` is "demo" (a few hundred customers per account), "bench" (over 100,000 objects) or a
     number of customers. `rate_limits` is None (unlimited), "test", "live" or a `RateLimits`;
     `faults` a `Faults`. Keys and passwords are random per instance and never printed by repr.
+
+    The sandbox has its own clock, starting at `now`: `advance(days=1)` moves it and the business
+    goes on (sign-ups, renewals, failed payments, refunds, cancellations, edits and deletions,
+    each with the events Stripe sends), up to `horizon_days` after the start. With `listing_lag`
+    (seconds), a new object appears in lists only up to that long after its `created`, as
+    Stripe's lists sometimes do.
     """
 
     def __init__(self, seed: int = 0, scale: str | int = "demo", latency_ms: float = 0,
                  rate_limits: RateLimits | Mapping[str, float] | str | None = None,
                  faults: Faults | None = None, *, port: int = 0, now: int | datetime | None = None,
-                 redirect_uris: tuple[str, ...] = ()) -> None:
+                 redirect_uris: tuple[str, ...] = (), horizon_days: int = 60, listing_lag: int = 0) -> None:
         self.seed, self.scale, self.latency_ms, self.port = seed, scale, latency_ms, port
         customers = scale_to_customers(scale)
-        self.now = int(now.timestamp()) if isinstance(now, datetime) else int(now or DEFAULT_NOW)
+        start = int(now.timestamp()) if isinstance(now, datetime) else int(now or DEFAULT_NOW)
         rng = random.Random(seed)
         platform = SandboxAccount(_account_id(rng), "mbi-widgets Platform", "platform@mbi-widgets.example",
                                   _password(), "US", "usd", "mbi-widgets.example")
@@ -71,11 +77,11 @@ class Sandbox:
             account = SandboxAccount(_account_id(rng), name, email, _password(), country, currency, domain)
             self.accounts.append(account)
             seeds.append(AccountSeed(account, seed * 1_000 + index + 1, customers,
-                                     self.now - (800 + 40 * index) * DAY))
+                                     start - (800 + 40 * index) * DAY))
         self.client_id = "ca_" + "".join(rng.choices("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", k=24))
-        self._state = SandboxState(platform=platform, seeds=seeds, now=self.now,
+        self._state = SandboxState(platform=platform, seeds=seeds, now=start,
                                    rate_limits=RateLimits.coerce(rate_limits), faults=FaultPlan(faults),
-                                   client_id=self.client_id)
+                                   client_id=self.client_id, horizon_days=horizon_days, listing_lag=listing_lag)
         self.platform_account_id = platform.id
         self.secret_key = self._state.credentials.issue_secret(platform.id, platform=True)
         self.restricted_key = self._state.credentials.issue_restricted(self.accounts[0].id)
@@ -93,7 +99,8 @@ class Sandbox:
         self._state.dataset(self.accounts[0].id)
         self._relay_dir = tempfile.TemporaryDirectory(prefix="mbi-sandbox-relay-")
         try:
-            self._server = BackgroundServer(make_app=self._make_app, port=self.port, name="sandbox").start()
+            self._server = BackgroundServer(make_app=self._make_app, port=self.port, name="sandbox",
+                                            date_header=False).start()
         except MbiError as exc:
             self._server = None
             self._relay_dir.cleanup()
@@ -143,6 +150,29 @@ class Sandbox:
         """Base URL of the Connect OAuth emulation (stands in for https://connect.stripe.com)."""
         return self.api_url
 
+    # --- the clock --------------------------------------------------------------------------------
+
+    @property
+    def now(self) -> int:
+        """The sandbox's current moment (Unix seconds); answers carry it in their `Date` header."""
+        return self._state.now
+
+    clock = now
+
+    @property
+    def started_at(self) -> int:
+        return self._state.start
+
+    def advance(self, days: float = 0, hours: float = 0, minutes: float = 0, seconds: float = 0) -> int:
+        """Moves the sandbox clock forward; objects and events created meanwhile appear. Returns the clock.
+
+        Raises SandboxError beyond `horizon_days` after the start.
+        """
+        step = int(days * DAY + hours * 3_600 + minutes * 60 + seconds)
+        if step < 0:
+            raise SandboxError("the sandbox clock only moves forward: give a positive duration")
+        return self._state.advance(step)
+
     # --- what tests and demos use ----------------------------------------------------------------
 
     def account(self, which: int | str = 0) -> SandboxAccount:
@@ -154,9 +184,13 @@ class Sandbox:
                 return account
         raise SandboxError(f"no seeded account {which!r}; the sandbox has {[a.id for a in self.accounts]}")
 
-    def history(self, account: int | str = 0) -> History:
-        """The generated facts behind an account's data (to check what the API serves)."""
-        return self._state.history(self.account(account).id)
+    def history(self, account: int | str = 0, *, whole: bool = False) -> History:
+        """The generated facts behind an account's data as of the sandbox clock (to check what the API serves).
+
+        `whole` gives the entire simulation, up to `horizon_days` after the start.
+        """
+        history = self._state.history(self.account(account).id)
+        return history if whole else history.as_of(self._state.now)
 
     def dataset(self, account: int | str = 0) -> Dataset:
         return self._state.dataset(self.account(account).id)

@@ -255,7 +255,7 @@ def parse_list_query(resource: str, spec: ListSpec, params: dict[str, Any], coll
     for cursor in ("starting_after", "ending_before"):
         if cursor in params:
             value = params[cursor]
-            if not isinstance(value, str) or collection.get(value) is None:
+            if not isinstance(value, str) or not collection.listed(value):
                 raise StripeHTTPError(400, f"No such {_NOUNS.get(resource, 'object')}: '{value}'",
                                       code="resource_missing", param=cursor)
             setattr(query, cursor, value)
@@ -276,11 +276,13 @@ def parse_list_query(resource: str, spec: ListSpec, params: dict[str, Any], coll
 
 def _customer_expander(dataset: Dataset) -> Callable[[Record], bytes]:
     customers = dataset.collections["customers"]
+    deleted = dataset.deleted.get("customers", {})
 
     def expand(record: Record) -> bytes:
         customer_id = record.attrs.get("customer")
         found = customers.get(customer_id) if isinstance(customer_id, str) else None
-        return with_customer(record, found.body if found else None)
+        # A deleted customer expands to its stub ({"id", "object", "deleted": true}), as in Stripe.
+        return with_customer(record, found.body if found else deleted.get(customer_id))  # type: ignore[arg-type]
 
     return expand
 
@@ -318,6 +320,10 @@ def retrieve(dataset: Dataset, resource: str, object_id: str, params: dict[str, 
                        if (r := items.get(object_id)) is not None), None)
     else:
         record = dataset.collections[resource].get(object_id)
+    if record is None and object_id in dataset.deleted.get(resource, {}):
+        stub = dataset.deleted[resource][object_id]
+        if stub is not None:  # a deleted customer answers 200 {"deleted": true}; others answer 404
+            return stub
     if record is None or (window_start is not None and record.created < window_start):
         raise StripeHTTPError(404, f"No such {_NOUNS[resource]}: '{object_id}'", code="resource_missing", param="id")
     expand_customer = False

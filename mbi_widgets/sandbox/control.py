@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from email.utils import formatdate
 import random
 import threading
 import time
@@ -115,13 +116,16 @@ ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaita
 class ControlMiddleware:
     """ASGI middleware applying latency and faults before the app sees a request."""
 
-    def __init__(self, app: ASGIApp, *, latency_ms: float, faults: FaultPlan) -> None:
-        self.app, self.latency_ms, self.faults = app, latency_ms, faults
+    def __init__(self, app: ASGIApp, *, latency_ms: float, faults: FaultPlan,
+                 clock: Callable[[], int] | None = None) -> None:
+        self.app, self.latency_ms, self.faults, self.clock = app, latency_ms, faults, clock
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if self.clock is not None:
+            send = _dated(send, self.clock)
         if self.latency_ms:
             await asyncio.sleep(self.latency_ms / 1000)
         fault = self.faults.next_fault(scope["path"])
@@ -139,6 +143,18 @@ class ControlMiddleware:
             await self.app(scope, receive, _truncating(send))
             return
         await self.app(scope, receive, send)
+
+
+def _dated(send: Callable, clock: Callable[[], int]) -> Callable:
+    """Answers carry the sandbox clock in `Date`, as Stripe's carry its own time."""
+    async def send_dated(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"date"]
+            headers.append((b"date", formatdate(clock(), usegmt=True).encode()))
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return send_dated
 
 
 def _truncating(send: Callable) -> Callable:

@@ -58,6 +58,7 @@ class Product:
     unit_label: str | None = None
     active: bool = True
     default_price: str | None = None
+    deleted_at: int | None = None
 
 
 @dataclass(slots=True)
@@ -74,6 +75,7 @@ class Plan:
     trial_period_days: int | None = None
     active: bool = True
     lookup_key: str | None = None
+    deleted_at: int | None = None
 
 
 @dataclass(slots=True)
@@ -96,6 +98,7 @@ class Coupon:
     max_redemptions: int | None = None
     redeem_by: int | None = None
     redemptions: list[int] = field(default_factory=list)
+    deleted_at: int | None = None
 
     def times_redeemed(self, at: int) -> int:
         return bisect.bisect_right(self.redemptions, at)
@@ -120,9 +123,23 @@ class Customer:
     currency: str
     invoice_times: list[int] = field(default_factory=list)
     past_due_spans: list[tuple[int, int]] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    #: (time, changed attributes) in time order: what the customer edited after signing up.
+    changes: list[tuple[int, dict]] = field(default_factory=list)
+    deleted_at: int | None = None
 
     def delinquent(self, at: int) -> bool:
         return any(start <= at < end for start, end in self.past_due_spans)
+
+    def attrs(self, at: int) -> dict:
+        """The editable attributes (name, email, phone, address, metadata) as they were at `at`."""
+        current = {"name": self.name, "email": self.email, "phone": self.phone, "address": self.address,
+                   "metadata": self.metadata}
+        for when, changed in self.changes:
+            if when > at:
+                break
+            current = {**current, **changed}
+        return current
 
 
 @dataclass(slots=True)
@@ -284,10 +301,15 @@ class AccountProfile:
 
 @dataclass
 class History:
-    """Everything that happened in one Stripe account up to `now`."""
+    """Everything that happens in one Stripe account from its start up to `end`.
+
+    `now` is the moment the sandbox starts at; the simulation runs on to `end` so that the
+    sandbox clock can be advanced and the business goes on (`render` shows any moment).
+    """
 
     account: AccountProfile
     now: int
+    end: int = 0
     products: list[Product] = field(default_factory=list)
     plans: list[Plan] = field(default_factory=list)
     coupons: list[Coupon] = field(default_factory=list)
@@ -297,6 +319,15 @@ class History:
     charges: list[Charge] = field(default_factory=list)
     refunds: list[Refund] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+
+    def as_of(self, at: int) -> "History":
+        """The objects that exist at `at` (created, not deleted) and the events that happened by then."""
+        def live(objects: list) -> list:
+            return [o for o in objects if o.created <= at and (getattr(o, "deleted_at", None) is None or o.deleted_at > at)]
+
+        return History(self.account, at, self.end, live(self.products), live(self.plans), live(self.coupons),
+                       live(self.customers), live(self.subscriptions), live(self.invoices), live(self.charges),
+                       live(self.refunds), [e for e in self.events if e.created <= at])
 
 
 # --- vocabulary for realistic data -------------------------------------------------------------
@@ -371,10 +402,12 @@ def _interval_end(start: int, interval: str) -> int:
 class HistoryGenerator:
     """Simulates one account's business from `now - HISTORY_DAYS` up to `now`."""
 
-    def __init__(self, profile: AccountProfile, *, seed: int, customers: int, now: int) -> None:
+    def __init__(self, profile: AccountProfile, *, seed: int, customers: int, now: int,
+                 horizon_days: int = 0) -> None:
         self.rng = random.Random(seed)
         self.ids = _Ids(self.rng)
-        self.history = History(account=profile, now=now)
+        self.end = now + max(0, horizon_days) * DAY
+        self.history = History(account=profile, now=now, end=self.end)
         self.customer_count = customers
         self.now = now
         self.start = now - HISTORY_DAYS * DAY
@@ -386,7 +419,7 @@ class HistoryGenerator:
 
     def _event(self, created: int, type_: str, subject: object, previous: dict | None = None) -> None:
         # Only the last 30 days of events exist, as in Stripe; older ones are never materialised.
-        if self.window_start <= created <= self.now:
+        if self.window_start <= created <= self.end:
             request = self.ids("req_", 14) if not type_.startswith(("invoice.", "charge.")) else None
             self.history.events.append(Event(self.ids("evt_"), created, type_, subject, previous, request))
 
@@ -437,6 +470,31 @@ class HistoryGenerator:
         self._event(product.created, "product.created", product)
         self._event(plan.created, "plan.created", plan)
         self._event(plan.created, "price.created", AsPrice(plan))
+        # After the sandbox's start: the retired plan and product are deleted, and a beta is
+        # launched, then withdrawn (plan.deleted, product.deleted).
+        retired = h.plans[len(_CATALOG) * 2]
+        self._delete(retired, self.now + 2 * DAY + rng.randrange(HOUR), "plan.deleted")
+        self._delete(legacy, self.now + 2 * DAY + HOUR + rng.randrange(HOUR), "product.deleted")
+        beta_at = self.now + rng.randint(8, 12) * DAY
+        if beta_at <= self.end:
+            product = Product(self.ids("prod_", 14), "Insights Beta", "Early access to AI insights", beta_at, None)
+            plan = Plan(self.ids("price_"), product, int(2_900 * factor), "month", "Insights Beta monthly",
+                        beta_at + 60, self.currency, lookup_key="insights_beta_monthly")
+            product.default_price = plan.id
+            h.products.append(product)
+            h.plans.append(plan)
+            self._event(product.created, "product.created", product)
+            self._event(plan.created, "plan.created", plan)
+            self._event(plan.created, "price.created", AsPrice(plan))
+            withdrawn = beta_at + rng.randint(25, 35) * DAY
+            self._delete(plan, withdrawn, "plan.deleted")
+            self._delete(product, withdrawn + 60, "product.deleted")
+
+    def _delete(self, subject: Plan | Product | Coupon | Customer, at: int, type_: str) -> None:
+        """Deletes `subject` at `at` (if the simulation reaches it), with its `*.deleted` event."""
+        if at <= self.end:
+            subject.deleted_at = at
+            self._event(at, type_, subject)
 
     def build_coupons(self) -> None:
         rng, h = self.rng, self.history
@@ -458,6 +516,16 @@ class HistoryGenerator:
                         redeem_by=black_friday + 10 * DAY)
         h.coupons.append(coupon)
         self._event(coupon.created, "coupon.created", coupon)
+        # After the start: an old coupon is retired, and short flash sales come and go.
+        self._delete(h.coupons[5], self.now + 3 * DAY + rng.randrange(DAY), "coupon.deleted")
+        at, number = self.now + rng.randint(1, 4) * DAY, 1
+        while at <= self.end:
+            flash = Coupon(f"FLASH{number:02d}", f"Flash sale {number}: 15% off", at, "once", self.currency,
+                           15.0, None, None, max_redemptions=50)
+            h.coupons.append(flash)
+            self._event(flash.created, "coupon.created", flash)
+            self._delete(flash, at + rng.randint(2, 8) * DAY, "coupon.deleted")
+            at, number = at + rng.randint(4, 9) * DAY, number + 1
 
     # --- customers and their lives -------------------------------------------------------------
 
@@ -479,9 +547,10 @@ class HistoryGenerator:
                    "line1": f"{rng.randint(1, 999)} {rng.choice(_STREETS)}", "line2": None,
                    "postal_code": f"{postal}{rng.randint(10, 99)}", "state": state}
         phone = f"+1 555 {rng.randint(100, 999)} {rng.randint(1000, 9999)}" if rng.random() < 0.6 else None
+        source = rng.choice(_SIGNUP_SOURCES)
         customer = Customer(self.ids("cus_", 14), f"{first} {last}", f"{local}@{domain}", phone, created,
                             address, self._card(), "".join(rng.choices("0123456789ABCDEF", k=8)),
-                            rng.choice(_SIGNUP_SOURCES), self.currency)
+                            source, self.currency, metadata={"signup_source": source})
         self.history.customers.append(customer)
         self._event(created, "customer.created", customer)
         return customer
@@ -515,13 +584,13 @@ class HistoryGenerator:
             # A long tail of partial refunds: more than Stripe embeds, so `refunds.has_more` is set.
             step = charge.amount // 20
             for index in range(12):
-                self._refund(charge, min(self.now, charge.created + (index + 1) * HOUR), step,
+                self._refund(charge, min(self.end, charge.created + (index + 1) * HOUR), step,
                              "requested_by_customer")
             return
         if not charge.succeeded or rng.random() > 0.05:
             return
         created = charge.created + rng.randint(HOUR, 20 * DAY)
-        if created > self.now:
+        if created > self.end:
             return
         reason = rng.choice(("requested_by_customer", "requested_by_customer", "duplicate", "fraudulent", None))
         if rng.random() < 0.6:
@@ -551,7 +620,7 @@ class HistoryGenerator:
         self._event(start, "invoice.created", invoice)
         # Renewal invoices stay drafts for an hour before Stripe finalises and charges them.
         invoice.finalized_at = start if reason == "subscription_create" else start + HOUR
-        if invoice.finalized_at <= self.now:
+        if invoice.finalized_at <= self.end:
             self._event(invoice.finalized_at, "invoice.finalized", invoice)
         return invoice
 
@@ -574,7 +643,7 @@ class HistoryGenerator:
         attempt_at = invoice.finalized_at + 2
         failed_since = None
         for attempt in range(4):
-            if attempt_at > self.now:
+            if attempt_at > self.end:
                 break
             ok = rng.random() > (0.07 if attempt == 0 else 0.45)
             charge = self._charge(customer, attempt_at, invoice.total,
@@ -599,7 +668,7 @@ class HistoryGenerator:
                 sub.statuses.append((attempt_at + 1, "past_due"))
                 self._event(attempt_at + 1, "customer.subscription.updated", sub, {"status": previous})
             attempt_at += rng.choice((3, 5, 7)) * DAY
-        if failed_since is not None and attempt_at <= self.now:
+        if failed_since is not None and attempt_at <= self.end:
             # Smart retries exhausted: Stripe cancels the subscription and marks the invoice uncollectible.
             customer.past_due_spans.append((failed_since, attempt_at))
             invoice.marked_uncollectible_at = attempt_at
@@ -607,7 +676,7 @@ class HistoryGenerator:
             self._end(sub, attempt_at, attempt_at, "payment_failed", None)
             return False
         if failed_since is not None:
-            customer.past_due_spans.append((failed_since, self.now + 1))
+            customer.past_due_spans.append((failed_since, self.end + 1))
         return True
 
     def _end(self, sub: Subscription, canceled_at: int, ended_at: int, reason: str, feedback: str | None) -> None:
@@ -617,7 +686,7 @@ class HistoryGenerator:
             sub.cancel_at = ended_at
             self._event(canceled_at, "customer.subscription.updated", sub,
                         {"cancel_at_period_end": False, "cancel_at": None, "canceled_at": None})
-        if ended_at <= self.now:
+        if ended_at <= self.end:
             sub.statuses.append((ended_at, "canceled"))
             self._event(ended_at, "customer.subscription.deleted", sub)
 
@@ -635,7 +704,8 @@ class HistoryGenerator:
         items += [SubscriptionItem(self.ids("si_", 14), a, 1, start) for a in add_ons
                   if a.interval == plan.interval or plan.interval == "month"]
         trial = plan.trial_period_days is not None and rng.random() < 0.45
-        usable = [c for c in self.history.coupons if c.created <= start and (c.redeem_by is None or start <= c.redeem_by)]
+        usable = [c for c in self.history.coupons if c.created <= start and (c.redeem_by is None or start <= c.redeem_by)
+                  and (c.deleted_at is None or start < c.deleted_at)]
         coupon = rng.choice(usable) if usable and rng.random() < 0.2 else None
         sub = Subscription(self.ids("sub_"), customer, start, items,
                            start if trial else None,
@@ -651,11 +721,11 @@ class HistoryGenerator:
             invoice = self._invoice(sub, start, sub.trial_end, "subscription_create", trial=True)
             self._collect(sub, invoice)
             abandoned_at = start + rng.randint(1, 13) * DAY
-            if rng.random() < 0.3 and abandoned_at <= self.now:  # trial abandoned
+            if rng.random() < 0.3 and abandoned_at <= self.end:  # trial abandoned
                 self._end(sub, abandoned_at, sub.trial_end, "cancellation_requested",
                           rng.choice(_CANCEL_FEEDBACK))
                 return
-            if sub.trial_end > self.now:
+            if sub.trial_end > self.end:
                 return
             sub.statuses.append((sub.trial_end, "active"))
             self._event(sub.trial_end, "customer.subscription.updated", sub,
@@ -665,7 +735,7 @@ class HistoryGenerator:
             period_start = start
         churn = 0.035 if plan.interval == "month" else 0.18
         first = not trial
-        while period_start <= self.now:
+        while period_start <= self.end:
             period_end = _interval_end(period_start, plan.interval)
             sub.periods.append((period_start, period_end))
             invoice = self._invoice(sub, period_start, period_end,
@@ -675,7 +745,7 @@ class HistoryGenerator:
                 return
             if rng.random() < churn:
                 canceled_at = period_start + rng.randint(HOUR, max(HOUR + 1, period_end - period_start - HOUR))
-                if canceled_at > self.now:
+                if canceled_at > self.end:
                     return
                 at_period_end = rng.random() < 0.6
                 self._end(sub, canceled_at, period_end if at_period_end else canceled_at,
@@ -688,17 +758,21 @@ class HistoryGenerator:
         span = self.now - self.start
         # Growth: more sign-ups recently than two years ago.
         offsets = sorted(int(span * (rng.random() ** 0.7)) for _ in range(self.customer_count))
-        for index, offset in enumerate(offsets):
-            created = self.start + offset
+        # After the start, sign-ups go on at the latest rate (the growth curve's slope at the start).
+        rate = self.customer_count / span / 0.7 if span else 0
+        future = sorted(rng.randrange(1, self.end - self.now + 1) for _ in range(round(rate * (self.end - self.now))))
+        created_times = [self.start + offset for offset in offsets] + [self.now + offset for offset in future]
+        for index, created in enumerate(created_times):
+            first_charge = len(self.history.charges)
             customer = self._customer(created)
-            many_items = index == 7
+            many_items = index == 7 or (index >= self.customer_count and rng.random() < 0.003)
             if many_items or rng.random() < 0.85:
-                start = min(self.now, created + rng.randint(60, 2 * DAY))
+                start = min(self.end, created + rng.randint(60, 2 * DAY))
                 self._subscription(customer, start, many_items=many_items)
             one_offs = 1 if index == 11 else (rng.randint(1, 2) if rng.random() < 0.25 else 0)
             for _ in range(one_offs):
-                at = created + rng.randint(HOUR, max(HOUR + 1, self.now - created))
-                if at > self.now:
+                at = created + rng.randint(HOUR, max(HOUR + 1, self.end - created))
+                if at > self.end:
                     continue
                 description, low, high = rng.choice(_ONE_OFF)
                 ok = index == 11 or rng.random() > 0.08
@@ -706,6 +780,43 @@ class HistoryGenerator:
                                       description, ok)
                 if ok:
                     self._maybe_refund(charge, many=index == 11)
+            self._customer_afterlife(customer, self.history.charges[first_charge:])
+
+    def _customer_afterlife(self, customer: Customer, charges: list[Charge]) -> None:
+        """Edits of the customer's details, and for some who left, the deletion of the customer."""
+        rng, h = self.rng, self.history
+        subs = [s for s in h.subscriptions[-3:] if s.customer is customer]
+        deleted_at = None
+        if all(s.ended_at is not None for s in subs) and rng.random() < 0.25:
+            last = max([customer.created, *(s.ended_at for s in subs),
+                        *(inv.paid_at or inv.marked_uncollectible_at or inv.created for s in subs for inv in s.invoices),
+                        *(c.created for c in charges), *(r.created for c in charges for r in c.refunds)])
+            deleted_at = last + rng.randint(1, 60) * DAY
+        edits = rng.choices((0, 1, 2), (0.65, 0.25, 0.1))[0]
+        first, last_edit = customer.created + DAY, min(self.end, deleted_at or self.end)
+        for when in sorted(rng.randint(first, max(first, last_edit)) for _ in range(edits)):
+            if when >= last_edit:
+                continue
+            before = customer.attrs(when)
+            kind = rng.choice(("email", "address", "metadata", "phone"))
+            if kind == "email":
+                local, _, domain = before["email"].partition("@")
+                changed = {"email": f"{local}+billing@{domain}" if "+" not in local else f"{local.split('+')[0]}@{domain}"}
+            elif kind == "address":
+                country = before["address"]["country"]
+                city, state, postal = rng.choice(_CITIES[country])
+                changed = {"address": {"city": city, "country": country,
+                                       "line1": f"{rng.randint(1, 999)} {rng.choice(_STREETS)}", "line2": None,
+                                       "postal_code": f"{postal}{rng.randint(10, 99)}", "state": state}}
+            elif kind == "metadata":
+                changed = {"metadata": {**before["metadata"],
+                                        "segment": rng.choice(("smb", "mid_market", "enterprise", "nonprofit"))}}
+            else:
+                changed = {"phone": f"+1 555 {rng.randint(100, 999)} {rng.randint(1000, 9999)}"}
+            customer.changes.append((when, changed))
+            self._event(when, "customer.updated", customer, {k: before[k] for k in changed})
+        if deleted_at is not None:
+            self._delete(customer, deleted_at, "customer.deleted")
 
     def generate(self) -> History:
         if self.customer_count == 0:  # an account with no business yet (the platform): nothing at all
@@ -715,9 +826,16 @@ class HistoryGenerator:
         self.build_customers()
         for coupon in self.history.coupons:
             coupon.redemptions.sort()
+        from mbi_widgets.sandbox.render import complete_events  # render imports this module
+        complete_events(self.history, self.ids, self.window_start)
+        self.history.events.sort(key=lambda e: e.created)
         return self.history
 
 
-def generate_history(profile: AccountProfile, *, seed: int, customers: int, now: int) -> History:
-    """The account's full simulated history; the same arguments always give the same history."""
-    return HistoryGenerator(profile, seed=seed, customers=customers, now=now).generate()
+def generate_history(profile: AccountProfile, *, seed: int, customers: int, now: int,
+                     horizon_days: int = 0) -> History:
+    """The account's simulated history from two years before `now` to `horizon_days` after it.
+
+    The same arguments always give the same history.
+    """
+    return HistoryGenerator(profile, seed=seed, customers=customers, now=now, horizon_days=horizon_days).generate()

@@ -5,7 +5,7 @@ field of the resource is present, with null where the sandbox has nothing to say
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stripe import api_version as API_VERSION
 
@@ -24,6 +24,9 @@ from mbi_widgets.sandbox.generator import (
     Subscription,
     SubscriptionItem,
 )
+
+if TYPE_CHECKING:
+    from mbi_widgets.sandbox.generator import History
 
 #: Stripe embeds at most this many entries of a sub-list (invoice lines, items, refunds).
 EMBED_LIMIT = 10
@@ -112,17 +115,23 @@ def coupon(c: Coupon, at: int) -> dict:
 
 def customer(c: Customer, at: int) -> dict:
     invoices = sum(1 for t in c.invoice_times if t <= at)
+    attrs = c.attrs(at)
     return {
-        "id": c.id, "object": "customer", "address": dict(c.address), "balance": 0,
+        "id": c.id, "object": "customer", "address": dict(attrs["address"]), "balance": 0,
         "created": c.created, "currency": c.currency if invoices else None, "default_source": None,
-        "delinquent": c.delinquent(at), "description": None, "discount": None, "email": c.email,
+        "delinquent": c.delinquent(at), "description": None, "discount": None, "email": attrs["email"],
         "invoice_prefix": c.invoice_prefix,
         "invoice_settings": {"custom_fields": None, "default_payment_method": c.card.payment_method,
                              "footer": None, "rendering_options": None},
-        "livemode": False, "metadata": {"signup_source": c.signup_source}, "name": c.name,
-        "next_invoice_sequence": invoices + 1, "phone": c.phone, "preferred_locales": ["en"],
+        "livemode": False, "metadata": dict(attrs["metadata"]), "name": attrs["name"],
+        "next_invoice_sequence": invoices + 1, "phone": attrs["phone"], "preferred_locales": ["en"],
         "shipping": None, "tax_exempt": "none", "test_clock": None,
     }
+
+
+def deleted(subject: Customer) -> dict:
+    """What retrieving a deleted customer answers (coupons, plans and products answer 404)."""
+    return {"id": subject.id, "object": "customer", "deleted": True}
 
 
 def refund(r: Refund, at: int = 0) -> dict:
@@ -161,16 +170,16 @@ def _outcome(ch: Charge) -> dict:
 def charge(ch: Charge, at: int) -> dict:
     refunds = ch.refunds_at(at)
     refunded = sum(r.amount for r in refunds)
-    card, cust = ch.customer.card, ch.customer
+    card, cust = ch.customer.card, ch.customer.attrs(ch.created)  # billing details as given at payment
     return {
         "id": ch.id, "object": "charge", "amount": ch.amount,
         "amount_captured": ch.amount if ch.succeeded else 0, "amount_refunded": refunded,
         "application": None, "application_fee": None, "application_fee_amount": None,
         "balance_transaction": ch.balance_transaction,
-        "billing_details": {"address": dict(cust.address), "email": cust.email, "name": cust.name,
-                            "phone": cust.phone, "tax_id": None},
+        "billing_details": {"address": dict(cust["address"]), "email": cust["email"], "name": cust["name"],
+                            "phone": cust["phone"], "tax_id": None},
         "calculated_statement_descriptor": ch.statement_descriptor, "captured": ch.succeeded,
-        "created": ch.created, "currency": ch.currency, "customer": cust.id,
+        "created": ch.created, "currency": ch.currency, "customer": ch.customer.id,
         "description": ch.description, "disputed": False, "failure_balance_transaction": None,
         "failure_code": ch.failure_code,
         "failure_message": None if ch.succeeded else _FAILURE_MESSAGES[ch.failure_code],
@@ -187,7 +196,7 @@ def charge(ch: Charge, at: int) -> dict:
                      "mandate": None, "network": card.brand, "network_transaction_id": None,
                      "regulated_status": "unregulated", "three_d_secure": None, "wallet": None},
             "type": "card"},
-        "receipt_email": cust.email,
+        "receipt_email": cust["email"],
         "receipt_number": ch.receipt_number,
         "receipt_url": f"https://pay.stripe.com/receipts/payment/{ch.id}",
         "refunded": refunded >= ch.amount and refunded > 0,
@@ -290,6 +299,7 @@ def invoice(inv: Invoice, at: int) -> dict:
     paid = status == "paid"
     total = inv.total
     cust = inv.customer
+    snapshot = cust.attrs(inv.created)  # the customer's details as copied onto the invoice
     sub_id = inv.subscription.id if inv.subscription else None
     lines = [invoice_line(line, inv) for line in inv.lines]
     finalized = inv.finalized_at if status != "draft" else None
@@ -310,8 +320,8 @@ def invoice(inv: Invoice, at: int) -> dict:
         "automatically_finalizes_at": inv.finalized_at if status == "draft" else None,
         "billing_reason": inv.billing_reason, "collection_method": "charge_automatically",
         "created": inv.created, "currency": inv.currency, "custom_fields": None,
-        "customer": cust.id, "customer_account": None, "customer_address": dict(cust.address),
-        "customer_email": cust.email, "customer_name": cust.name, "customer_phone": cust.phone,
+        "customer": cust.id, "customer_account": None, "customer_address": dict(snapshot["address"]),
+        "customer_email": snapshot["email"], "customer_name": snapshot["name"], "customer_phone": snapshot["phone"],
         "customer_shipping": None, "customer_tax_exempt": "none", "customer_tax_ids": [],
         "default_payment_method": None, "default_source": None, "default_tax_rates": [],
         "description": None,
@@ -358,6 +368,43 @@ def render_at(subject: object, at: int) -> dict:
     if isinstance(subject, AsPrice):
         return price(subject.plan)
     return _RENDERERS[type(subject)](subject, at)
+
+
+def complete_events(history: "History", ids: Any, window_start: int) -> None:
+    """Adds the `*.updated` events of every change the generator's own events do not announce.
+
+    Renewals move a subscription's period, each invoice bumps its customer's
+    `next_invoice_sequence`, each payment attempt changes an invoice: Stripe sends an event for
+    each, so a change feed built on events misses nothing. (Coupons' `times_redeemed` changes
+    without an event, as in Stripe.)
+    """
+    end = history.end
+    announced = {(id(e.subject), e.created) for e in history.events}
+    added: list[Event] = []
+
+    def fill(subject: Any, times: Any, type_: str, renderer: Any, until: int | None = None) -> None:
+        for at in sorted(set(times)):
+            if at < window_start or at > end or (until is not None and at >= until) or (id(subject), at) in announced:
+                continue
+            before, after = renderer(subject, at - 1), renderer(subject, at)
+            previous = {key: before.get(key) for key in after if before.get(key) != after[key]}
+            if previous:
+                announced.add((id(subject), at))
+                added.append(Event(ids("evt_"), at, type_, subject, previous, None))
+
+    for c in history.customers:
+        fill(c, [*c.invoice_times, *(t for span in c.past_due_spans for t in span)], "customer.updated", customer,
+             c.deleted_at)
+    for sub in history.subscriptions:
+        fill(sub, [*(t for t, _ in sub.statuses), *(start for start, _ in sub.periods),
+                   *(i.created for i in sub.invoices), *(t for t in (sub.canceled_at, sub.ended_at, sub.trial_end) if t)],
+             "customer.subscription.updated", subscription)
+    for inv in history.invoices:
+        fill(inv, [inv.created, *(t for t in (inv.finalized_at, inv.paid_at, inv.marked_uncollectible_at) if t),
+                   *(ch.created for ch in inv.charges)], "invoice.updated", invoice)
+    for ch in history.charges:
+        fill(ch, [r.created for r in ch.refunds], "charge.updated", charge)
+    history.events.extend(added)
 
 
 def event(ev: Event) -> dict:

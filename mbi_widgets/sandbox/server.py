@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import orjson
 import logging
 import secrets
 import threading
@@ -14,6 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 
 from mbi_widgets.sandbox import api, connect
+from mbi_widgets.errors import SandboxError
 from mbi_widgets.sandbox.api import StripeHTTPError
 from mbi_widgets.sandbox.control import ControlMiddleware, DroppedConnection, FaultPlan, RateLimiter, RateLimits
 from mbi_widgets.redaction import redact
@@ -42,10 +44,16 @@ class SandboxState:
     """Everything the routes share. Datasets are generated on first use, once, under a lock."""
 
     def __init__(self, *, platform: SandboxAccount, seeds: list[AccountSeed], now: int,
-                 rate_limits: RateLimits | None, faults: FaultPlan, client_id: str) -> None:
+                 rate_limits: RateLimits | None, faults: FaultPlan, client_id: str,
+                 horizon_days: int = 0, listing_lag: int = 0) -> None:
         self.platform = platform
         self.seeds = {seed.account.id: seed for seed in seeds}
-        self.now = now
+        #: The sandbox clock (moves with `advance`); data is generated from `start` to `end`.
+        self.start = self.now = now
+        self.end = now + horizon_days * DAY
+        self.horizon_days = horizon_days
+        self.listing_lag = listing_lag
+        self._events: dict[str, dict] = {}
         self.credentials = Credentials(platform.id)
         self.credentials.connected.update(self.seeds)
         self.limiter = RateLimiter(rate_limits) if rate_limits else None
@@ -85,6 +93,23 @@ class SandboxState:
                 self._datasets[account_id] = found
         return found
 
+    def advance(self, seconds: int) -> int:
+        """Moves the sandbox clock forward and re-renders every generated account at the new moment."""
+        if seconds < 0:
+            raise ValueError("the sandbox clock only moves forward")
+        with self._build_lock:
+            target = self.now + seconds
+            if target > self.end:
+                raise SandboxError(
+                    f"the sandbox simulates {self.horizon_days} days past its start and cannot advance "
+                    f"{(target - self.end) / DAY:.1f} days beyond that: create it with a larger horizon_days")
+            fresh = {account_id: build_dataset(self._histories[account_id], target, lag=self.listing_lag,
+                                               events=self._events.setdefault(account_id, {}))
+                     for account_id in self._datasets}
+            self.now = target
+            self._datasets.update(fresh)
+        return target
+
     def _build(self, account_id: str) -> Dataset:
         account = self.account(account_id)
         if account is None:
@@ -95,9 +120,10 @@ class SandboxState:
                                  account.business_name.upper().replace(" ", "")[:22],
                                  seed.created if seed else self.now - 900 * DAY)
         history = generate_history(profile, seed=seed.seed if seed else 0,
-                                   customers=seed.customers if seed else 0, now=self.now)
+                                   customers=seed.customers if seed else 0, now=self.start,
+                                   horizon_days=self.horizon_days)
         self._histories[account_id] = history
-        return build_dataset(history)
+        return build_dataset(history, self.now, lag=self.listing_lag, events=self._events.setdefault(account_id, {}))
 
     async def dataset_async(self, account_id: str) -> Dataset:
         found = self._datasets.get(account_id)
@@ -165,6 +191,35 @@ async def _not_found(request: Request) -> Response:
                            "serves Stripe's read API and Connect OAuth: see https://docs.stripe.com/api.").response()
 
 
+def _advance_route(state: SandboxState) -> Any:
+    """`POST /_sandbox/advance` (days, hours, minutes, seconds): moves the sandbox clock.
+
+    Loopback callers holding the platform's secret key only; answers the new clock.
+    """
+    async def advance(request: Request) -> Response:
+        client = request.client.host if request.client else ""
+        if client not in ("127.0.0.1", "::1"):
+            raise StripeHTTPError(403, "The sandbox's clock can only be moved from this machine.")
+        principal = state.principal(request)
+        if principal.kind != "secret" or principal.account_id != state.platform.id:
+            raise StripeHTTPError(403, "Moving the sandbox's clock needs the platform's secret key (sk_test_...).")
+        form = await request.form()
+        try:
+            seconds = sum(float(form.get(unit) or 0) * size for unit, size in
+                          (("days", DAY), ("hours", 3_600), ("minutes", 60), ("seconds", 1)))
+        except ValueError:
+            raise StripeHTTPError(400, "days, hours, minutes and seconds must be numbers", param="days") from None
+        if seconds < 0:
+            raise StripeHTTPError(400, "The sandbox's clock only moves forward.", param="days")
+        try:
+            now = await asyncio.to_thread(state.advance, int(seconds))
+        except SandboxError as exc:
+            raise StripeHTTPError(400, str(exc), param="days") from None
+        return api.stripe_response(orjson.dumps({"object": "sandbox_clock", "now": now}))
+
+    return advance
+
+
 class _QuietDrops(logging.Filter):
     """Injected dropped connections are expected; keep them out of the server's error log."""
 
@@ -176,10 +231,11 @@ def build_app(state: SandboxState, *, latency_ms: float = 0, mounts: dict[str, A
     logging.getLogger("uvicorn.error").addFilter(_QuietDrops())
     all_methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
     app = Starlette(
-        routes=[*api.routes(state), *connect.routes(state),
+        routes=[Route("/_sandbox/advance", _advance_route(state), methods=["POST"]),
+                *api.routes(state), *connect.routes(state),
                 *(Mount(path, app=sub_app) for path, sub_app in (mounts or {}).items()),
                 Route("/{path:path}", _not_found, methods=all_methods)],
         exception_handlers={StripeHTTPError: _stripe_error, Exception: _stripe_error,
                             404: _not_found, 405: _not_found},
     )
-    return ControlMiddleware(app, latency_ms=latency_ms, faults=state.faults)
+    return ControlMiddleware(app, latency_ms=latency_ms, faults=state.faults, clock=lambda: state.now)

@@ -7,13 +7,14 @@ slices and joins bytes. A record keeps the few attributes lists filter on, and w
 from __future__ import annotations
 
 import bisect
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import orjson
 
 from mbi_widgets.sandbox import render
-from mbi_widgets.sandbox.generator import History
+from mbi_widgets.sandbox.generator import DAY, EVENT_WINDOW_DAYS, History
 
 _CUSTOMER_MARK = "\x01customer-reference\x01"
 _CUSTOMER_MARK_JSON = orjson.dumps(_CUSTOMER_MARK)
@@ -53,20 +54,26 @@ class Page:
 class Collection:
     """Records in list order (newest first for top-level lists, Stripe's order for sub-lists)."""
 
-    def __init__(self, records: Iterable[Record], *, newest_first: bool = True) -> None:
+    def __init__(self, records: Iterable[Record], *, newest_first: bool = True,
+                 hidden: Iterable[Record] = ()) -> None:
         items = list(records)
         if newest_first:
             items.sort(key=lambda r: (r.created, r.id), reverse=True)
         self.records = items
         self.position = {record.id: index for index, record in enumerate(items)}
         self._neg_created = [-record.created for record in items] if newest_first else None
+        #: Objects that exist (retrieve finds them) but do not list yet (Stripe's listing lag).
+        self.hidden = {record.id: record for record in hidden}
 
     def __len__(self) -> int:
         return len(self.records)
 
     def get(self, object_id: str) -> Record | None:
         index = self.position.get(object_id)
-        return None if index is None else self.records[index]
+        return self.hidden.get(object_id) if index is None else self.records[index]
+
+    def listed(self, object_id: str) -> bool:
+        return object_id in self.position
 
     def created_bounds(self, gt: int | None, gte: int | None, lt: int | None, lte: int | None) -> tuple[int, int]:
         """The index range [lo, hi) of records whose `created` lies in the window."""
@@ -122,35 +129,76 @@ class Collection:
 
 @dataclass
 class Dataset:
-    """Everything one account serves: top-level collections and per-parent sub-lists."""
+    """Everything one account serves at one moment: top-level collections and per-parent sub-lists."""
 
     account: bytes
     collections: dict[str, Collection]
     #: kind -> parent id -> sub-list, e.g. children["invoice_lines"]["in_..."].
     children: dict[str, dict[str, Collection]]
     now: int
+    #: resource -> id -> what retrieving a deleted object answers: a body (customers) or None (404).
+    deleted: dict[str, dict[str, bytes | None]] = field(default_factory=dict)
 
     def count(self, name: str) -> int:
         return len(self.collections[name])
 
 
-def build_dataset(history: History) -> Dataset:
-    """Renders a history as of its `now` and serialises every object once."""
-    now = history.now
+def listing_lag(object_id: str, lag: int) -> int:
+    """Seconds after `created` at which an object starts to appear in lists (0 to `lag`, per object)."""
+    return zlib.crc32(object_id.encode()) % (lag + 1) if lag > 0 else 0
+
+
+def build_dataset(history: History, at: int | None = None, *, lag: int = 0,
+                  events: dict[str, Record] | None = None) -> Dataset:
+    """Renders a history as of `at` (default: its start) and serialises every object once.
+
+    Objects created later do not exist yet; deleted ones vanish from lists; events older than
+    Stripe's 30 days are gone. With `lag`, an object lists only some seconds after its `created`.
+    `events` caches serialised events across moments (an event never changes).
+    """
+    now = history.now if at is None else at
+    events = {} if events is None else events
     lines: dict[str, Collection] = {}
     items: dict[str, Collection] = {}
     refunds_by_charge: dict[str, Collection] = {}
+    deleted: dict[str, dict[str, bytes | None]] = {"customers": {}, "coupons": {}, "plans": {}, "prices": {},
+                                                   "products": {}}
 
-    customers = [serialise(render.customer(c, now), {"email": c.email, "test_clock": None}) for c in history.customers]
+    def exists(subject: object, name: str) -> bool:
+        created = subject.created  # type: ignore[attr-defined]
+        if created > now:
+            return False
+        gone = getattr(subject, "deleted_at", None)
+        if gone is not None and gone <= now:
+            deleted[name][subject.id] = (orjson.dumps(render.deleted(subject))  # type: ignore[attr-defined,arg-type]
+                                         if name == "customers" else None)
+            return False
+        return True
+
+    def collection(records: Iterable[Record]) -> Collection:
+        shown, hidden = [], []
+        for record in records:
+            (shown if record.created + listing_lag(record.id, lag) <= now else hidden).append(record)
+        return Collection(shown, hidden=hidden)
+
+    customers = [serialise(render.customer(c, now), {"email": c.attrs(now)["email"], "test_clock": None})
+                 for c in history.customers if exists(c, "customers")]
     charges = []
+    all_refunds = []
     for ch in history.charges:
+        if ch.created > now:
+            continue
         charges.append(serialise(render.charge(ch, now), {"customer": ch.customer.id, "payment_intent": ch.payment_intent,
                                                           "transfer_group": None}, expandable=True))
-        if ch.refunds:
+        refunds = ch.refunds_at(now)
+        if refunds:
             refunds_by_charge[ch.id] = Collection(
-                [serialise(render.refund(r)) for r in reversed(ch.refunds)], newest_first=False)
+                [serialise(render.refund(r)) for r in reversed(refunds)], newest_first=False)
+            all_refunds += refunds
     invoices = []
     for inv in history.invoices:
+        if inv.created > now:
+            continue
         sub_id = inv.subscription.id if inv.subscription else None
         body = render.invoice(inv, now)
         invoices.append(serialise(body, {"customer": inv.customer.id, "status": body["status"],
@@ -160,6 +208,8 @@ def build_dataset(history: History) -> Dataset:
                                    newest_first=False)
     subscriptions = []
     for sub in history.subscriptions:
+        if sub.created > now:
+            continue
         body = render.subscription(sub, now)
         prices = {item.plan.id for item in sub.items}
         subscriptions.append(serialise(body, {"customer": sub.customer.id, "status": body["status"],
@@ -167,31 +217,41 @@ def build_dataset(history: History) -> Dataset:
                                        expandable=True))
         items[sub.id] = Collection([serialise(render.subscription_item(item, sub, now)) for item in sub.items],
                                    newest_first=False)
+    window_start = now - EVENT_WINDOW_DAYS * DAY
+    event_records = []
+    for e in history.events:
+        if window_start <= e.created <= now:
+            record = events.get(e.id)
+            if record is None:
+                # Sandbox events have no webhook endpoints, so no delivery ever failed.
+                record = events[e.id] = serialise(render.event(e), {"type": e.type, "delivery_success": True})
+            event_records.append(record)
+    plans = [p for p in history.plans if exists(p, "plans")]
+    for p in history.plans:
+        exists(p, "prices")
     collections = {
-        "customers": Collection(customers),
-        "charges": Collection(charges),
-        "coupons": Collection(serialise(render.coupon(c, now)) for c in history.coupons),
-        "invoices": Collection(invoices),
-        "plans": Collection(serialise(render.plan(p), {"product": p.product.id, "active": p.active})
-                            for p in history.plans),
-        "prices": Collection(serialise(render.price(p), {"product": p.product.id, "active": p.active,
+        "customers": collection(customers),
+        "charges": collection(charges),
+        "coupons": collection(serialise(render.coupon(c, now)) for c in history.coupons if exists(c, "coupons")),
+        "invoices": collection(invoices),
+        "plans": collection(serialise(render.plan(p), {"product": p.product.id, "active": p.active}) for p in plans),
+        "prices": collection(serialise(render.price(p), {"product": p.product.id, "active": p.active,
                                                          "currency": p.currency, "type": "recurring",
                                                          "lookup_key": p.lookup_key})
-                             for p in history.plans),
-        "products": Collection(serialise(render.product(p, now), {"active": p.active, "id": p.id, "shippable": None,
+                             for p in plans),
+        "products": collection(serialise(render.product(p, now), {"active": p.active, "id": p.id, "shippable": None,
                                                                   "url": None})
-                               for p in history.products),
-        "subscriptions": Collection(subscriptions),
-        "refunds": Collection(serialise(render.refund(r), {"charge": r.charge.id}) for r in history.refunds),
-        # Sandbox events have no webhook endpoints, so no delivery ever failed.
-        "events": Collection(serialise(render.event(e), {"type": e.type, "delivery_success": True})
-                             for e in history.events),
+                               for p in history.products if exists(p, "products")),
+        "subscriptions": collection(subscriptions),
+        "refunds": collection(serialise(render.refund(r), {"charge": r.charge.id}) for r in all_refunds),
+        "events": collection(event_records),
     }
     return Dataset(
         account=orjson.dumps(render.account(history.account)),
         collections=collections,
         children={"invoice_lines": lines, "subscription_items": items, "charge_refunds": refunds_by_charge},
         now=now,
+        deleted=deleted,
     )
 
 

@@ -178,7 +178,7 @@ def test_expand_data_customer(client, sandbox, resource):
         assert isinstance(obj.customer, stripe.Customer)
         assert obj.customer.id == owner[obj.id].id
         if owner[obj.id].deleted_at is not None and owner[obj.id].deleted_at <= sandbox.now:
-            assert obj.customer.get("deleted") is True  # a deleted customer expands to its stub
+            assert obj.customer.to_dict().get("deleted") is True  # a deleted customer expands to its stub
         else:
             assert obj.customer.email == owner[obj.id].attrs(sandbox.now)["email"]
     assert all(isinstance(o.customer, str) for o in plain.data)

@@ -15,6 +15,8 @@ _EXPORTS = {
     "Faults": "mbi_widgets.sandbox",
     "MbiError": "mbi_widgets.errors",
     "StripeSource": "mbi_widgets.tables.source",
+    "Warehouse": "mbi_widgets.warehouse",
+    "SyncReport": "mbi_widgets.warehouse",
     "ConnectionsPanel": "mbi_widgets.ui",
     "EXPECTED_TABLES": "mbi_widgets.tables.schema",
     "CHILD_TABLES": "mbi_widgets.tables.schema",
@@ -28,6 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from mbi_widgets.tables.schema import CHILD_TABLES, EXPECTED_TABLES
     from mbi_widgets.tables.source import StripeSource
     from mbi_widgets.ui import ConnectionsPanel
+    from mbi_widgets.warehouse import SyncReport, Warehouse
 
 
 def __getattr__(name: str) -> Any:

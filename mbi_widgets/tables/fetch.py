@@ -9,6 +9,7 @@ oldest window is unbounded below), and rows are merged by id.
 from __future__ import annotations
 
 import random
+from email.utils import parsedate_to_datetime
 import threading
 import time
 from collections import deque
@@ -56,6 +57,10 @@ class PermissionDenied(StripeSourceError):
 
 class RequestRejected(StripeSourceError):
     """Stripe answered 400/404: a bug or an API version mismatch, never retried."""
+
+
+class NotFound(RequestRejected):
+    """Stripe answered 404 `resource_missing`: the object does not exist (or was deleted)."""
 
 
 class RateBudget:
@@ -182,6 +187,9 @@ class Fetcher:
         self.transport, self.budget, self.retry, self.cancelled = transport, budget, retry, cancelled
         self.stats = FetchStats()
         self._stats_lock = threading.Lock()
+        #: Stripe's clock (Unix seconds) from the `Date` header of the first and the latest answers.
+        self.first_server_time: int | None = None
+        self.server_time: int | None = None
 
     def _count(self, **increments: int) -> None:
         with self._stats_lock:
@@ -205,6 +213,7 @@ class Fetcher:
                 status, payload, last_error = 0, None, f"{type(exc).__name__}: {exc.user_message or exc}"
             if status == 200:
                 self.budget.succeeded()
+                self._clock(headers)
                 return payload
             if status == 429:
                 rate_limited += 1
@@ -237,8 +246,26 @@ class Fetcher:
                 raise PermissionDenied(f"The key may not read {table}: {message} Grant read access to it in the "
                                        "Stripe dashboard (Developers > API keys), or use another key.",
                                        code="permission_denied")
+            error = payload.get("error") if isinstance(payload, dict) else None
+            if status == 404 and isinstance(error, dict) and error.get("code") == "resource_missing":
+                raise NotFound(f"Stripe has no such object for {table}: {message}", code="resource_missing")
             raise RequestRejected(f"Stripe refused the request for {table} ({status}): {message}",
                                   code=str(status))
+
+    def _clock(self, headers: Mapping[str, str] | None) -> None:
+        value = None
+        if headers:
+            value = headers.get("Date") or headers.get("date")
+        if not value:
+            return
+        try:
+            moment = int(parsedate_to_datetime(value).timestamp())
+        except (TypeError, ValueError, IndexError):
+            return
+        with self._stats_lock:
+            if self.first_server_time is None:
+                self.first_server_time = moment
+            self.server_time = max(self.server_time or moment, moment)
 
 
 @dataclass
@@ -314,7 +341,7 @@ class Job:
                 self.collected[child.name] = Collected()
         self._windows: list[Window] = []
         self._children: deque[ChildTask] = deque()
-        self._probes: deque[str] = deque(p.name for p in plans)
+        self._probes: deque[str] = deque(p.name for p in plans if p.listed)
         self._busy = 0
         self._lock = threading.Condition()
         self._error: BaseException | None = None
@@ -543,6 +570,8 @@ class TablePlan:
     fixed: dict[str, Any]
     since: int | None = None
     children: list[ChildPlan] = field(default_factory=list)
+    #: False for a table whose objects are only retrieved by id (changed objects, not its list).
+    listed: bool = True
 
     def params(self, *, limit: int, gte: int | None = None, lt: int | None = None,
                after: str | None = None) -> dict[str, Any]:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Mapping
 
@@ -17,6 +19,7 @@ from mbi_widgets.tables.fetch import (
     Fetcher,
     FetchStats,
     Job,
+    NotFound,
     PermissionDenied,
     RateBudget,
     RetryPolicy,
@@ -77,6 +80,8 @@ class StripeSource:
         self._workers = max(1, workers)
         self._floor: int | None = None
         self._floor_lock = threading.Lock()
+        self._account_id: str | None = None
+        self._fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
         #: What the last `table()`/`tables()` call cost (requests, retries, windows, seconds).
         self.last_stats: FetchStats | None = None
 
@@ -148,6 +153,66 @@ class StripeSource:
             self.last_stats = job.fetcher.stats
         return {name: job.frame(name) for name in wanted}
 
+    def account_id(self) -> str:
+        """The Stripe account this source reads: the `Stripe-Account` given, else the key's own account.
+
+        A restricted key that may not read the account is named by its key's fingerprint.
+        """
+        if self._account:
+            return self._account
+        with self._floor_lock:
+            if self._account_id is None:
+                try:
+                    account = self._fetcher().get("account", "/v1/account", {})
+                    self._account_id = str(account["id"])
+                except PermissionDenied:
+                    self._account_id = "key_" + self._fingerprint
+            return self._account_id
+
+    def fetch(self, requests: Mapping[str, "TableRequest"], *, progress: Progress | None = None) -> "Fetched":
+        """What a warehouse sync needs in one go, under this account's rate budget.
+
+        Per parent table: list it (whole, or objects created since a moment) and/or retrieve some
+        objects by id, with the child tables named. Objects found deleted on retrieve (Stripe's
+        `deleted: true`, or 404 `resource_missing`) are reported, never silently skipped.
+        """
+        plans = []
+        for name, request in requests.items():
+            plan = self._plan(schema(name), since=request.since, children=list(request.children))
+            plan.listed = request.listed
+            plans.append(plan)
+        fetcher = self._fetcher()
+        job = Job(fetcher=fetcher, plans=plans, workers=self._workers, floor=self._account_floor, progress=progress)
+        fetcher.cancelled = lambda: job._error is not None  # noqa: SLF001
+        deleted: dict[str, set[str]] = {name: set() for name in requests}
+        try:
+            job.run()
+            for name, request in requests.items():
+                ids = sorted(request.ids)
+                if not ids:
+                    continue
+                params = {"expand": ["refunds"]} if name == "charges" else {}
+                with ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="mbi-retrieve") as pool:
+                    found = list(pool.map(lambda object_id: _retrieve(fetcher, name, object_id, params), ids))
+                live = [obj for obj in found if obj is not None and not obj.get("deleted")]
+                deleted[name] |= {object_id for object_id, obj in zip(ids, found) if obj is None or obj.get("deleted")}
+                job.absorb_page(job.plans[name], live)
+        finally:
+            self.last_stats = fetcher.stats
+        names = [name for plan in plans for name in (plan.name, *(child.name for child in plan.children))]
+        return Fetched(frames={name: job.frame(name) for name in names}, deleted=deleted, stats=fetcher.stats,
+                       started_at=fetcher.first_server_time, server_time=fetcher.server_time)
+
+    def server_clock(self) -> tuple[int | None, dict | None]:
+        """Stripe's clock (from the answer's `Date`) and the newest event, in one request.
+
+        Raises PermissionDenied when the key may not read events.
+        """
+        fetcher = self._fetcher()
+        payload = fetcher.get("events", "/v1/events", {"limit": 1})
+        data = payload.get("data") or []
+        return fetcher.server_time, (data[0] if data else None)
+
     # --- internals ---------------------------------------------------------------------------
 
     def _fetcher(self) -> Fetcher:
@@ -180,6 +245,35 @@ class StripeSource:
             return self._floor
 
 
+@dataclass(frozen=True)
+class TableRequest:
+    """What to fetch of one parent table for a sync: its list (since a moment) and objects by id."""
+
+    listed: bool = True
+    since: int | None = None
+    ids: frozenset[str] = frozenset()
+    children: tuple[str, ...] = ()
+
+
+@dataclass
+class Fetched:
+    """Frames per table (parents and their children), objects found deleted, and what it cost."""
+
+    frames: dict[str, pd.DataFrame]
+    deleted: dict[str, set[str]]
+    stats: FetchStats
+    #: Stripe's clock at the first and the latest answer (None when answers carry no `Date`).
+    started_at: int | None
+    server_time: int | None
+
+
+def _retrieve(fetcher: Fetcher, table: str, object_id: str, params: dict[str, Any]) -> dict | None:
+    try:
+        return fetcher.get(table, f"/v1/{table}/{object_id}", params, endpoint=f"/v1/{table}/*")
+    except NotFound:
+        return None
+
+
 def _timestamp(moment: datetime | None) -> int | None:
     if moment is None:
         return None
@@ -188,4 +282,4 @@ def _timestamp(moment: datetime | None) -> int | None:
     return int(moment.timestamp())
 
 
-__all__ = ["StripeSource", "EXPECTED_TABLES", "CHILD_TABLES", "ALL_TABLES"]
+__all__ = ["StripeSource", "TableRequest", "Fetched", "EXPECTED_TABLES", "CHILD_TABLES", "ALL_TABLES"]

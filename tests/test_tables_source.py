@@ -364,7 +364,7 @@ def test_values_and_dtypes_match_the_generator(sandbox, demo_frames):
         assert row["amount"] == ch.amount
         assert row["customer"] == ch.customer.id
         assert bool(row["paid"]) is ch.succeeded
-        assert row["billing_details__address__city"] == ch.customer.address["city"]
+        assert row["billing_details__address__city"] == ch.customer.attrs(ch.created)["address"]["city"]
         assert row["payment_method_details__card__last4"] == ch.customer.card.last4
 
     invoices = frames["invoices"].set_index("id")

@@ -158,7 +158,8 @@ class Warehouse:
         self.lookback = lookback
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with _PROCESS_LOCKS_GUARD:
-            self._lock = _PROCESS_LOCKS.setdefault(str(self.path.resolve()), threading.RLock())
+            # Writers of one file in this process take turns; readers never wait for a sync's fetching.
+            self._write_lock = _PROCESS_LOCKS.setdefault(str(self.path.resolve()), threading.RLock())
         with self._connect() as con:
             _exec(con, f"CREATE SCHEMA IF NOT EXISTS {_META}")
             _exec(con, f"""CREATE TABLE IF NOT EXISTS {_META}.state (
@@ -623,37 +624,35 @@ class Warehouse:
 
     @contextmanager
     def _connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection for one operation. Another process holding the file makes us wait up to
+        `lock_timeout`, then raise WarehouseLocked; a file DuckDB cannot read raises WarehouseError."""
         deadline = time.monotonic() + self.lock_timeout
-        with self._lock:
-            while True:
-                try:
-                    con = duckdb.connect(str(self.path))
-                    break
-                except duckdb.IOException as exc:
-                    if "lock" in str(exc).lower() and time.monotonic() < deadline:
-                        time.sleep(0.05)
-                        continue
-                    if "lock" in str(exc).lower():
-                        raise WarehouseLocked(
-                            f"the warehouse {self.path} is in use by another process ({exc}); wait for its sync "
-                            "to finish and try again.", code="locked") from exc
-                    raise WarehouseError(f"the warehouse {self.path} cannot be opened ({exc}). Move the file aside "
-                                         "(or delete it) and sync again to fetch every table anew.",
-                                         code="unreadable") from exc
-                except duckdb.Error as exc:
-                    raise WarehouseError(f"the warehouse {self.path} cannot be opened ({exc}). Move the file aside "
-                                         "(or delete it) and sync again to fetch every table anew.",
-                                         code="unreadable") from exc
+        while True:
             try:
-                _exec(con, "SET TimeZone = 'UTC'")
-                yield con
-            finally:
-                con.close()
+                con = duckdb.connect(str(self.path))
+                break
+            except duckdb.Error as exc:
+                locked = isinstance(exc, duckdb.IOException) and "lock" in str(exc).lower()
+                if locked and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                if locked:
+                    raise WarehouseLocked(
+                        f"the warehouse {self.path} is in use by another process ({exc}); wait for it to finish "
+                        "and try again.", code="locked") from exc
+                raise WarehouseError(f"the warehouse {self.path} cannot be opened ({exc}). Move the file aside "
+                                     "(or delete it) and sync again to fetch every table anew.",
+                                     code="unreadable") from exc
+        try:
+            _exec(con, "SET TimeZone = 'UTC'")
+            yield con
+        finally:
+            con.close()
 
     @contextmanager
     def _writing(self) -> Iterator[None]:
-        """One writer at a time across processes (a lock file beside the warehouse)."""
-        with self._lock:
+        """One writer at a time, across threads and processes (a lock file beside the warehouse)."""
+        with self._write_lock:
             lock_path = self.path.with_name(self.path.name + ".lock")
             handle = open(lock_path, "a+")  # noqa: SIM115 - held for the whole write
             try:

@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  first sync (full): {full.requests:,} requests in {full.seconds:.1f} s (fetching {fetch_seconds:.1f} s, "
               f"the rest planning and writing DuckDB; the rate limits allow these requests in "
               f"{syncing.last_stats.floor_seconds(syncing.rate_limits):.1f} s at best)")
+        commits = sorted(full.tables.values(), key=lambda t: -t.seconds)
+        print(f"  full sync, writing each table to DuckDB: {sum(t.seconds for t in commits):.1f} s ("
+              + ", ".join(f"{t.table} {t.seconds:.1f} s" for t in commits) + ")")
         print(f"  full sync / tables() time: {ratio:.2f}x (target <= {SYNC_OVER_TABLES}x): {verdict(ratio <= SYNC_OVER_TABLES)}")
         print(f"  full sync / tables() requests: {full.requests / tables_stats.requests:.2f}x "
               f"({full.requests:,} vs {tables_stats.requests:,})")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 import threading
@@ -19,6 +20,23 @@ def _scale(value: str) -> str | int:
     raise argparse.ArgumentTypeError("scale is 'demo', 'bench' or a number of customers")
 
 
+def _days(value: str) -> float:
+    try:
+        days = float(value)
+    except ValueError:
+        days = math.nan
+    # float() also takes "nan" and "inf": neither is a moment the sandbox can move to.
+    if not math.isfinite(days) or days < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of days >= 0")
+    return days
+
+
+def _horizon(value: str) -> int:
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of days >= 0")
+    return int(value)
+
+
 def _wait_for_interrupt() -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -31,15 +49,22 @@ def _wait_for_interrupt() -> None:
 def _start_sandbox(args: argparse.Namespace):
     from mbi_widgets.sandbox import Sandbox
 
-    return Sandbox(seed=args.seed, scale=args.scale, latency_ms=args.latency_ms, rate_limits=args.rate_limits,
-                   port=args.port).start()
+    sandbox = Sandbox(seed=args.seed, scale=args.scale, latency_ms=args.latency_ms, rate_limits=args.rate_limits,
+                      port=args.port, horizon_days=args.horizon_days).start()
+    try:
+        if args.advance_days:
+            sandbox.advance(days=args.advance_days)
+    except BaseException:
+        sandbox.stop()
+        raise
+    return sandbox
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
     sandbox = _start_sandbox(args)
     try:
         # Exactly one JSON line on stdout, so scripts can read it; then serve until interrupted.
-        print(json.dumps(sandbox.connection_info()), flush=True)
+        print(json.dumps({**sandbox.connection_info(), "now": sandbox.now}), flush=True)
         _wait_for_interrupt()
     finally:
         sandbox.stop()
@@ -118,11 +143,18 @@ with MBI_SANDBOX_KEY set to the restricted key below, or from Python:
 
 Restricted key (sandbox only, valid while this process runs): {sandbox.restricted_key}
 Connect sign-in for {account.business_name}: {account.email} / {account.password}
+Sandbox clock: {_iso(sandbox.now)}
 Press Ctrl-C to stop.""", flush=True)
         _wait_for_interrupt()
     finally:
         sandbox.stop()
     return 0
+
+
+def _iso(timestamp: int) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def cmd_relay(args: argparse.Namespace) -> int:
@@ -167,7 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--latency-ms", type=float, default=0, help="latency added to every request")
         sub.add_argument("--rate-limits", choices=("test", "live"), default=None,
                          help="enforce Stripe's test- or live-mode rate limits")
-        sub.set_defaults(handler=handler)
+        sub.add_argument("--advance-days", type=_days, default=0.0, metavar="N",
+                         help="start the sandbox's clock N days (may be fractional) after its default start")
+        sub.add_argument("--horizon-days", type=_horizon, default=60, metavar="N",
+                         help="how many days past its start the sandbox's clock can advance (default 60)")
+        sub.set_defaults(handler=handler, usage_error=sub.error)
         if name == "demo":
             sub.add_argument("--sandbox-only", action="store_true",
                              help="serve only the sandbox and print how to reach it (no JupyterLab)")
@@ -187,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "advance_days", 0) > getattr(args, "horizon_days", math.inf):
+        args.usage_error(f"--advance-days {args.advance_days:g} is beyond --horizon-days {args.horizon_days}: "
+                         "the sandbox simulates only that far; raise --horizon-days")
     try:
         return args.handler(args)
     except MbiError as exc:

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import duckdb
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from mbi_widgets.errors import MbiError
 from mbi_widgets.registry import default_registry_path
@@ -188,35 +189,49 @@ class Warehouse:
         Deleted objects are left out unless `include_deleted`, which also adds the `deleted_at`
         and `synced_at` columns.
         """
-        target = schema(table)
-        account = self._account(account)
+        schema(table)  # UnknownTableError lists the valid names
         with self._connect() as con:
-            stored = self._stored_columns(con, account, table)
-            if stored is None:
-                raise WarehouseError(f"{table} of {account} has not been synced yet: run wh.sync(source, "
-                                     f"tables=[{table!r}]) first.", code="not_synced")
-            wanted = [c for c in target.column_names if c in stored]
-            if columns is not None:
-                columns = list(columns)
-                unknown = [c for c in columns if c not in target.column_names]
-                if unknown:
-                    raise WarehouseError(f"{table} has no column(s) {', '.join(map(repr, unknown))}; "
-                                         f"its columns are: {', '.join(target.column_names)}", code="unknown_column")
-                missing = [c for c in columns if c not in stored]
-                if missing:
-                    raise WarehouseError(f"column(s) {', '.join(map(repr, missing))} of {table} are not synced: add "
-                                         f"them with wh.select({table!r}, columns=...) and sync again.",
-                                         code="column_not_synced")
-                wanted = columns
-            extra = ["deleted_at", "synced_at"] if include_deleted else []
-            where = "" if include_deleted else " WHERE deleted_at IS NULL"
-            order = _order(target)
-            sql = (f"SELECT {', '.join(_q(c) for c in wanted + extra)} FROM {_qual(account, table)}{where} "
-                   f"ORDER BY {order}")
-            arrow = con.sql(sql).to_arrow_table()
+            return self._read(con, self._account(account, con=con), table, columns, include_deleted)
+
+    def tables(self, names: Iterable[str] | None = None, *, account: str | None = None,
+               include_deleted: bool = False) -> dict[str, pd.DataFrame]:
+        """Every synced table (or `names`), read in one go."""
+        with self._connect() as con:
+            account = self._account(account, con=con)
+            if names is None:
+                names = [t for t in ALL_TABLES if self._stored_columns(con, account, t) is not None]
+            return {name: self._read(con, account, name, None, include_deleted) for name in names}
+
+    def _read(self, con: duckdb.DuckDBPyConnection, account: str, table: str, columns: Iterable[str] | None,
+              include_deleted: bool) -> pd.DataFrame:
+        target = schema(table)
+        stored = self._stored_columns(con, account, table)
+        if stored is None:
+            raise WarehouseError(f"{table} of {account} has not been synced yet: run wh.sync(source, "
+                                 f"tables=[{table!r}]) first.", code="not_synced")
+        wanted = [c for c in target.column_names if c in stored]
+        if columns is not None:
+            columns = list(columns)
+            unknown = [c for c in columns if c not in target.column_names]
+            if unknown:
+                raise WarehouseError(f"{table} has no column(s) {', '.join(map(repr, unknown))}; "
+                                     f"its columns are: {', '.join(target.column_names)}", code="unknown_column")
+            missing = [c for c in columns if c not in stored]
+            if missing:
+                raise WarehouseError(f"column(s) {', '.join(map(repr, missing))} of {table} are not synced: add "
+                                     f"them with wh.select({table!r}, columns=...) and sync again.",
+                                     code="column_not_synced")
+            wanted = columns
+        extra = ["deleted_at", "synced_at"] if include_deleted else []
+        where = "" if include_deleted else " WHERE deleted_at IS NULL"
+        arrow = con.sql(f"SELECT {', '.join(_q(c) for c in wanted + extra)} FROM {_qual(account, table)}{where}"
+                        ).to_arrow_table()
+        keys = [k for k in _order_keys(target) if k in arrow.column_names]
+        if keys:
+            arrow = arrow.take(pc.sort_indices(arrow, sort_keys=[(k, "descending") for k in keys]))
         frame = _to_pandas(arrow)
         dtypes = {**target.dtypes, "deleted_at": "datetime64[ns, UTC]", "synced_at": "datetime64[ns, UTC]"}
-        return frame.astype({c: dtypes[c] for c in frame.columns})
+        return frame.astype({c: dtypes[c] for c in frame.columns if str(frame[c].dtype) != dtypes[c]})
 
     def sql(self, query: str, *, account: str | None = None) -> pd.DataFrame:
         """A SQL query (DuckDB) over the warehouse. Tables are `<account>.<table>`; with one
@@ -333,6 +348,10 @@ class Warehouse:
                 states = {row[0]: row for row in con.execute(
                     f"SELECT table_name, cursor, high_water, columns FROM {_META}.state WHERE account = ?",
                     [account]).fetchall()}
+                # What each table holds now (select() may have dropped columns since its last sync).
+                states = {name: (*row[:3], json.dumps([c for c in (self._stored_columns(con, account, name) or [])
+                                                       if c not in ("deleted_at", "synced_at")]))
+                          for name, row in states.items()}
                 selections = {name: self._selection(con, account, name) for name in names}
             report = SyncReport(account)
             plan = self._plan(source, account, names, states, selections, full)
@@ -508,47 +527,47 @@ class Warehouse:
             _exec(con, "BEGIN")
             try:
                 _exec(con, f"CREATE SCHEMA IF NOT EXISTS {_q(_schema_name(account))}")
-                self._ensure_table(con, account, target, columns)
+                new = self._ensure_table(con, account, target, columns)
                 incoming = pa.Table.from_pandas(frame, preserve_index=False)
                 con.register("incoming", incoming)
                 cols = ", ".join(_q(c) for c in frame.columns)
-                result.added = con.execute(
-                    f"SELECT count(*) FROM incoming WHERE id NOT IN (SELECT id FROM {qual} WHERE deleted_at IS NULL)"
-                ).fetchall()[0][0]
-                changed = con.execute(
-                    f"SELECT count(*) FROM (SELECT {cols} FROM incoming EXCEPT "
-                    f"SELECT {cols} FROM {qual} WHERE deleted_at IS NULL)").fetchall()[0][0]
-                result.updated = changed - result.added
-                if target.parent:
-                    # Children of every parent fetched are complete: replace them all.
-                    parents = self._fetched_parents(fetched, parent)
-                    con.register("parents", pa.table({"id": pa.array(sorted(parents), pa.string())}))
-                    gone = con.execute(
-                        f"SELECT count(*) FROM {qual} WHERE deleted_at IS NULL AND {_q(target.parent_key)} IN "
-                        f"(SELECT id FROM parents) AND id NOT IN (SELECT id FROM incoming)").fetchall()[0][0]
-                    _exec(con, f"DELETE FROM {qual} WHERE {_q(target.parent_key)} IN (SELECT id FROM parents)")
-                    result.deleted = gone
+                clock = pd.Timestamp(plan.clock, unit="s", tz="UTC")
+                if new:  # the first sync: nothing to compare with
+                    result.added = len(frame)
                 else:
+                    result.added = con.execute(
+                        f"SELECT count(*) FROM incoming WHERE id NOT IN (SELECT id FROM {qual} WHERE deleted_at IS NULL)"
+                    ).fetchall()[0][0]
+                    changed = con.execute(
+                        f"SELECT count(*) FROM (SELECT {cols} FROM incoming EXCEPT "
+                        f"SELECT {cols} FROM {qual} WHERE deleted_at IS NULL)").fetchall()[0][0]
+                    result.updated = changed - result.added
+                    if target.parent:
+                        # A fetched parent's child list is complete: children it no longer has are flagged deleted.
+                        parents = self._fetched_parents(fetched, parent)
+                        con.register("parents", pa.table({"id": pa.array(sorted(parents), pa.string())}))
+                        result.deleted = con.execute(
+                            f"UPDATE {qual} SET deleted_at = ?, synced_at = ? WHERE deleted_at IS NULL AND "
+                            f"{_q(target.parent_key)} IN (SELECT id FROM parents) AND id NOT IN (SELECT id FROM incoming)",
+                            [clock, synced_at]).fetchall()[0][0]
                     _exec(con, f"DELETE FROM {qual} WHERE id IN (SELECT id FROM incoming)")
                 _exec(con, f"INSERT INTO {qual} ({cols}, deleted_at, synced_at) SELECT {cols}, NULL, ? FROM incoming",
-                            [synced_at])
+                      [synced_at])
                 # Deletions: objects Stripe says are deleted, and (on a full re-read) objects that vanished.
                 flagged = 0
                 key = target.parent_key if target.parent else "id"
                 if deleted_ids:
                     con.register("gone", pa.table({"id": pa.array(sorted(deleted_ids), pa.string()),
-                                                   "at": pa.array([event_deletions.get(i) for i in sorted(deleted_ids)],
+                                                   "gone_at": pa.array([event_deletions.get(i) for i in sorted(deleted_ids)],
                                                                   pa.int64())}))
                     flagged += con.execute(
-                        f"UPDATE {qual} SET deleted_at = coalesce(to_timestamp((SELECT at FROM gone WHERE gone.id = "
+                        f"UPDATE {qual} SET deleted_at = coalesce(to_timestamp((SELECT gone_at FROM gone WHERE gone.id = "
                         f"{qual}.{_q(key)})), ?), synced_at = ? WHERE deleted_at IS NULL AND {_q(key)} IN "
-                        f"(SELECT id FROM gone)", [pd.Timestamp(plan.clock, unit="s", tz="UTC"), synced_at]
-                    ).fetchall()[0][0]
-                if mode == "full" and name not in ACCUMULATING:
+                        f"(SELECT id FROM gone)", [clock, synced_at]).fetchall()[0][0]
+                if mode == "full" and name not in ACCUMULATING and not new:
                     flagged += con.execute(
                         f"UPDATE {qual} SET deleted_at = ?, synced_at = ? WHERE deleted_at IS NULL AND id NOT IN "
-                        f"(SELECT id FROM incoming)", [pd.Timestamp(plan.clock, unit="s", tz="UTC"), synced_at]
-                    ).fetchall()[0][0]
+                        f"(SELECT id FROM incoming)", [clock, synced_at]).fetchall()[0][0]
                 if not target.parent:
                     result.deleted = flagged
                 else:
@@ -577,24 +596,31 @@ class Warehouse:
         return set(fetched.frames[parent]["id"].dropna().tolist())
 
     def _ensure_table(self, con: duckdb.DuckDBPyConnection, account: str, target: TableSchema,
-                      columns: list[str]) -> None:
+                      columns: list[str]) -> bool:
+        """Creates the table or brings its columns to the selection; True when it was created."""
         stored = self._stored_columns(con, account, target.name)
         qual = _qual(account, target.name)
         if stored is None:
             defs = ", ".join(f"{_q(c)} {_DTYPES_SQL[target.dtypes[c]]}" for c in target.column_names if c in columns)
             _exec(con, f"CREATE TABLE {qual} ({defs}, deleted_at TIMESTAMPTZ, synced_at TIMESTAMPTZ)")
-            return
+            return True
         for column in target.column_names:
             if column in columns and column not in stored:
                 _exec(con, f"ALTER TABLE {qual} ADD COLUMN {_q(column)} {_DTYPES_SQL[target.dtypes[column]]}")
         for column in stored:
             if column not in columns and column not in ("deleted_at", "synced_at"):
                 _exec(con, f"ALTER TABLE {qual} DROP COLUMN {_q(column)}")
+        return False
 
     # --- plumbing -----------------------------------------------------------------------------------
 
-    def _account(self, account: str | None, *, allow_new: bool = False) -> str:
-        accounts = self.accounts()
+    def _account(self, account: str | None, *, allow_new: bool = False,
+                 con: duckdb.DuckDBPyConnection | None = None) -> str:
+        if con is None:
+            accounts = self.accounts()
+        else:
+            accounts = [row[0] for row in con.execute(
+                f"SELECT DISTINCT account FROM {_META}.state ORDER BY 1").fetchall()]
         if account is not None:
             if account not in accounts and not allow_new:
                 raise WarehouseError(f"the warehouse holds no tables of {account!r}; it holds "
@@ -784,10 +810,11 @@ def _qual(account: str, table: str) -> str:
     return f"{_q(_schema_name(account))}.{_q(table)}"
 
 
-def _order(target: TableSchema) -> str:
-    if "created" in target.column_names and not target.parent:
-        return '"created" DESC, "id" DESC'
-    return f"{_q(target.parent_key or 'id')} DESC, \"id\""
+def _order_keys(target: TableSchema) -> list[str]:
+    """Newest first, like Stripe's lists; child rows grouped by parent."""
+    if target.parent:
+        return [target.parent_key or "id", "id"]
+    return ["created", "id"]
 
 
 def _to_pandas(table: pa.Table) -> pd.DataFrame:
@@ -802,6 +829,14 @@ def _to_pandas(table: pa.Table) -> pd.DataFrame:
             return pd.Float64Dtype()
         return None
 
+    for index, kind in enumerate(table.schema.types):
+        if pa.types.is_decimal(kind):  # DuckDB sums integers into HUGEINT/DECIMAL: back to numbers pandas adds
+            target = pa.int64() if kind.scale == 0 and kind.precision <= 38 else pa.float64()
+            try:
+                column = table.column(index).cast(target)
+            except pa.ArrowInvalid:
+                column = table.column(index).cast(pa.float64(), safe=False)
+            table = table.set_column(index, table.schema.field(index).with_type(column.type), column)
     frame = table.to_pandas(types_mapper=mapper)
     for name, kind in zip(table.column_names, table.schema.types):
         if pa.types.is_timestamp(kind):

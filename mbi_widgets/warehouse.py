@@ -830,6 +830,9 @@ def _to_pandas(table: pa.Table) -> pd.DataFrame:
         return None
 
     for index, kind in enumerate(table.schema.types):
+        if pa.types.is_timestamp(kind) and (kind.unit != "ns" or kind.tz is None):
+            column = table.column(index).cast(pa.timestamp("ns", tz="UTC"))
+            table = table.set_column(index, table.schema.field(index).with_type(column.type), column)
         if pa.types.is_decimal(kind):  # DuckDB sums integers into HUGEINT/DECIMAL: back to numbers pandas adds
             target = pa.int64() if kind.scale == 0 and kind.precision <= 38 else pa.float64()
             try:
@@ -837,8 +840,4 @@ def _to_pandas(table: pa.Table) -> pd.DataFrame:
             except pa.ArrowInvalid:
                 column = table.column(index).cast(pa.float64(), safe=False)
             table = table.set_column(index, table.schema.field(index).with_type(column.type), column)
-    frame = table.to_pandas(types_mapper=mapper)
-    for name, kind in zip(table.column_names, table.schema.types):
-        if pa.types.is_timestamp(kind):
-            frame[name] = pd.to_datetime(frame[name], utc=True).astype("datetime64[ns, UTC]")
-    return frame
+    return table.to_pandas(types_mapper=mapper)

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import platformdirs
 import stripe
@@ -22,6 +22,7 @@ from mbi_widgets.secretstore import APP_NAME, SecretStore, SecretStoreError, def
 
 if TYPE_CHECKING:  # pragma: no cover
     from mbi_widgets.tables.source import StripeSource
+    from mbi_widgets.warehouse import SyncReport, Warehouse
 
 log = logging.getLogger(__name__)
 
@@ -289,6 +290,22 @@ class Registry:
         duration = time.perf_counter() - clock
         log.info("tested connection %s: %s", id, status)
         return self._record(id, status, message, started=started, duration=duration)
+
+    def sync(self, id: str, warehouse: "Warehouse", tables: Iterable[str] | None = None, *, full: bool = False,
+             progress: Callable[[int, int | None], None] | None = None) -> "SyncReport":
+        """Brings this connection's tables up to date in `warehouse`.
+
+        When Stripe rejects the credential (revoked, deauthorized), the connection turns to Needs
+        re-authentication and the error is raised; the warehouse keeps its last good state.
+        """
+        from mbi_widgets.tables.fetch import AuthenticationFailed
+
+        source = self.source(id)
+        try:
+            return warehouse.sync(source, tables, full=full, progress=progress)
+        except AuthenticationFailed as exc:
+            self._record(id, NEEDS_REAUTH, f"{exc} The warehouse keeps the tables of the last good sync.")
+            raise
 
     # --- internals -------------------------------------------------------------------------------
 

@@ -378,3 +378,26 @@ def test_kernels_opening_a_new_registry_at_once_all_succeed(tmp_path):
             process.stdin.flush()
         results = [process.communicate(timeout=60) for process in openers]
         assert [out.strip() for out, _ in results] == ["ok"] * 8, [err[-300:] for _, err in results]
+
+
+def test_a_sync_that_finds_the_token_revoked_needs_reauthentication_and_keeps_the_warehouse(registry, sandbox,
+                                                                                             tmp_path):
+    from mbi_widgets.tables.fetch import AuthenticationFailed
+    from mbi_widgets.warehouse import Warehouse
+
+    tokens = oauth_tokens(sandbox)
+    connection = add_key(registry, sandbox, tokens["access_token"], auth_method="oauth", account=1,
+                         refresh_token=tokens["refresh_token"])
+    warehouse = Warehouse(tmp_path / "warehouse.duckdb")
+    first = registry.sync(connection.id, warehouse, ["customers", "coupons"])
+    assert first["customers"].mode == "full" and first["customers"].rows > 0
+    before = warehouse.table("customers")
+    status_before = warehouse.status().drop(columns="cursor_age")  # the age grows with the wall clock
+    relay_deauthorize(sandbox)(connection, tokens["access_token"])
+    with pytest.raises(AuthenticationFailed):
+        registry.sync(connection.id, warehouse, ["customers", "coupons"])
+    refused = registry.get(connection.id)
+    assert refused.status == NEEDS_REAUTH and "last good sync" in refused.status_message
+    assert tokens["access_token"] not in refused.status_message
+    assert warehouse.table("customers").equals(before)
+    assert warehouse.status().drop(columns="cursor_age").equals(status_before)

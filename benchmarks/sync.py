@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=16, help="StripeSource workers (the library's default: 16)")
     args = parser.parse_args(argv)
 
+    begun = time.perf_counter()
     options = ("--scale", "bench", "--rate-limits", MODE, "--latency-ms", str(args.latency_ms))
     with sandbox_process(*options) as info, tempfile.TemporaryDirectory(prefix="mbi-bench-sync-") as tmp:
         print(f"{MODE} mode limits, {args.latency_ms:.0f} ms latency per request, scale=bench, "
@@ -81,21 +82,23 @@ def main(argv: list[str] | None = None) -> int:
 
         # 1. tables() then the first (full) sync, on the same server and the same rate limits.
         plain = source()
+        started = time.perf_counter()
         frames = plain.tables()
+        tables_seconds = time.perf_counter() - started
         tables_stats = plain.last_stats
         tables_rows = sum(len(frame) for frame in frames.values())
         del frames
         print(f"  StripeSource.tables(): {tables_rows:,} rows, {tables_stats.requests:,} requests in "
-              f"{tables_stats.seconds:.1f} s (the rate limits allow these requests in "
-              f"{tables_stats.floor_seconds(plain.rate_limits):.1f} s at best)")
+              f"{tables_seconds:.1f} s (fetching {tables_stats.seconds:.1f} s, the rest building the frames; "
+              f"the rate limits allow these requests in {tables_stats.floor_seconds(plain.rate_limits):.1f} s at best)")
 
         wh = Warehouse(Path(tmp) / "warehouse.duckdb")
         syncing = source()
         full = wh.sync(syncing)
         fetch_seconds = syncing.last_stats.seconds
-        ratio = full.seconds / tables_stats.seconds
+        ratio = full.seconds / tables_seconds
         print(f"  first sync (full): {full.requests:,} requests in {full.seconds:.1f} s (fetching {fetch_seconds:.1f} s, "
-              f"the rest planning and writing DuckDB; the rate limits allow these requests in "
+              f"the rest building frames, planning and writing DuckDB; the rate limits allow these requests in "
               f"{syncing.last_stats.floor_seconds(syncing.rate_limits):.1f} s at best)")
         commits = sorted(full.tables.values(), key=lambda t: -t.seconds)
         print(f"  full sync, writing each table to DuckDB: {sum(t.seconds for t in commits):.1f} s ("
@@ -118,12 +121,17 @@ def main(argv: list[str] | None = None) -> int:
         print("  " + str(incremental).replace("\n", "\n  "))
 
         # 3. Every table read back into pandas.
-        started = time.perf_counter()
-        loaded = {name: wh.table(name) for name in ALL_TABLES}
-        read_seconds = time.perf_counter() - started
+        loaded, reads = {}, {}
+        for name in ALL_TABLES:
+            started = time.perf_counter()
+            loaded[name] = wh.table(name)
+            reads[name] = time.perf_counter() - started
+        read_seconds = sum(reads.values())
+        slowest = sorted(reads, key=reads.get, reverse=True)[:4]
         rows = sum(len(frame) for frame in loaded.values())
         print(f"  read all {len(loaded)} tables back: {rows:,} rows in {read_seconds:.2f} s "
-              f"(target < {READ_SECONDS:.0f} s): {verdict(read_seconds < READ_SECONDS)}")
+              f"(target < {READ_SECONDS:.0f} s): {verdict(read_seconds < READ_SECONDS)}; slowest: "
+              + ", ".join(f"{name} {reads[name]:.2f} s ({len(loaded[name]):,} rows)" for name in slowest))
         print(f"  warehouse file on disk: {file_size(wh.path) / 1e6:.1f} MB")
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux
         print(f"  peak RSS of this process (fetches, syncs and reads): {peak / 1024:.0f} MB")
@@ -139,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{'/'.join(storages)}): {arrow_bytes / 1e6:.1f} MB")
         print(f"  DataFrames in memory, python-object strings: {object_bytes / 1e6:.1f} MB")
         print(f"  python-object / pyarrow strings: {object_bytes / arrow_bytes:.2f}x")
+    print(f"benchmark wall time, sandbox start to stop: {time.perf_counter() - begun:.0f} s")
     return 0
 
 

@@ -40,6 +40,7 @@ import pyarrow.compute as pc
 
 from mbi_widgets.errors import MbiError
 from mbi_widgets.registry import default_registry_path
+from mbi_widgets.secretstore import ensure_private_dir
 from mbi_widgets.tables.fetch import PermissionDenied
 from mbi_widgets.tables.schema import ALL_TABLES, TableSchema, schema
 from mbi_widgets.tables.source import Fetched, StripeSource, TableRequest
@@ -157,7 +158,8 @@ class Warehouse:
         self.path = Path(path).expanduser() if path is not None else default_warehouse_path()
         self.lock_timeout = lock_timeout
         self.lookback = lookback
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(self.path.parent)  # customers' names and emails: a 0700 folder when we create it
+        fresh = not self.path.exists()
         with _PROCESS_LOCKS_GUARD:
             # Writers of one file in this process take turns; readers never wait for a sync's fetching.
             self._write_lock = _PROCESS_LOCKS.setdefault(str(self.path.resolve()), threading.RLock())
@@ -170,6 +172,8 @@ class Warehouse:
             _exec(con, f"""CREATE TABLE IF NOT EXISTS {_META}.selection (
                 account VARCHAR, table_name VARCHAR, synced BOOLEAN, columns VARCHAR,
                 PRIMARY KEY (account, table_name))""")
+        if fresh:
+            os.chmod(self.path, 0o600)
 
     def __repr__(self) -> str:
         return f"Warehouse({str(self.path)!r})"

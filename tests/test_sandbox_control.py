@@ -127,7 +127,7 @@ def test_drop_cuts_the_body_and_the_server_keeps_serving():
             get(sandbox, "/v1/charges", {"limit": 100})
         for _ in range(3):
             response = get(sandbox, "/v1/charges", {"limit": 100})
-            assert response.status_code == 200 and len(response.json()["data"]) == 100
+            assert response.status_code == 200 and len(response.json()["data"]) == min(100, sandbox.dataset().count("charges"))
 
 
 def test_drop_is_not_logged_as_a_server_error(caplog):
@@ -212,4 +212,4 @@ def test_client_disconnecting_mid_response_leaves_the_server_serving(read, reset
         for _ in range(3):
             response = get(sandbox, "/v1/charges", {"limit": 100, "expand[]": "data.customer"})
             assert response.status_code == 200
-            assert len(response.json()["data"]) == 100
+            assert len(response.json()["data"]) == min(100, sandbox.dataset().count("charges"))

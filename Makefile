@@ -37,6 +37,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.sandbox
 	$(PY) -m benchmarks.tables
+	$(PY) -m benchmarks.sync
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

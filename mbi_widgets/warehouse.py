@@ -231,8 +231,11 @@ class Warehouse:
         arrow = con.sql(f"SELECT {', '.join(_q(c) for c in wanted + extra)} FROM {_qual(account, table)}{where}"
                         ).to_arrow_table()
         keys = [k for k in _order_keys(target) if k in arrow.column_names]
-        if keys:
-            arrow = arrow.take(pc.sort_indices(arrow, sort_keys=[(k, "descending") for k in keys]))
+        if keys and arrow.num_rows > 1:
+            order = pc.sort_indices(arrow.select(keys), sort_keys=[(k, "descending") for k in keys])
+            # Tables are written newest first, so most reads need no reordering (a copy of every column).
+            if not pc.all(pc.equal(order, pa.array(range(arrow.num_rows), order.type))).as_py():
+                arrow = arrow.take(order)
         frame = _to_pandas(arrow)
         dtypes = {**target.dtypes, "deleted_at": "datetime64[ns, UTC]", "synced_at": "datetime64[ns, UTC]"}
         return frame.astype({c: dtypes[c] for c in frame.columns if str(frame[c].dtype) != dtypes[c]})

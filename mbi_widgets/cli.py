@@ -54,7 +54,7 @@ def _start_sandbox(args: argparse.Namespace):
     try:
         if args.advance_days:
             sandbox.advance(days=args.advance_days)
-    except BaseException:
+    except BaseException:  # Ctrl-C while re-rendering included: never leave the port serving
         sandbox.stop()
         raise
     return sandbox

@@ -13,12 +13,17 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 import requests
+
+from mbi_widgets.sandbox import DEFAULT_NOW
+from mbi_widgets.sandbox.generator import DAY
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Generous guard against a hung child; not a performance bound.
@@ -239,6 +244,105 @@ def test_help_lists_the_subcommands(command):
     assert "sandbox" in result.stdout and "demo" in result.stdout
 
 
+# --- the sandbox clock: --advance-days, --horizon-days and the control endpoint ------------------------
+
+
+def clock_of(answer: requests.Response) -> int:
+    return int(parsedate_to_datetime(answer.headers["Date"]).timestamp())
+
+
+def advance(info: dict, key: str, **form: str) -> requests.Response:
+    return requests.post(f"{info['api_url']}/_sandbox/advance", data=form, timeout=30,
+                         headers={"Authorization": f"Bearer {key}"})
+
+
+def charges_answer(info: dict) -> requests.Response:
+    answer = requests.get(f"{info['api_url']}/v1/charges", params={"limit": 1}, timeout=30,
+                          headers={"Authorization": f"Bearer {info['restricted_key']}"})
+    assert answer.status_code == 200, answer.text
+    return answer
+
+
+def events_since(info: dict, moment: int) -> list[dict]:
+    answer = requests.get(f"{info['api_url']}/v1/events", params={"limit": 100, "created[gt]": moment},
+                          headers={"Authorization": f"Bearer {info['restricted_key']}"}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    return answer.json()["data"]
+
+
+def test_sandbox_prints_its_clock_which_starts_at_the_default_moment():
+    with launched(MODULE, "sandbox", "--scale", "20", "--seed", "3") as proc:
+        info = json.loads(first_line(proc))
+        assert info["now"] == DEFAULT_NOW
+        assert clock_of(charges_answer(info)) == DEFAULT_NOW
+        assert not events_since(info, DEFAULT_NOW)  # nothing has happened after the clock
+        stop(proc)
+        assert proc.returncode == 0
+
+
+@pytest.mark.parametrize("command", LAUNCHERS)
+def test_sandbox_advance_days_starts_the_clock_later_with_the_business_gone_on(command):
+    with launched(command, "sandbox", "--scale", "60", "--seed", "3", "--advance-days", "10.5") as proc:
+        info = json.loads(first_line(proc))
+        check_connection_info(info)
+        assert info["now"] == DEFAULT_NOW + 10 * DAY + DAY // 2
+        answer = requests.get(f"{info['api_url']}/v1/charges", params={"limit": 100}, timeout=30,
+                              headers={"Authorization": f"Bearer {info['restricted_key']}"})
+        assert clock_of(answer) == info["now"]
+        assert all(charge["created"] <= info["now"] for charge in answer.json()["data"])
+        # Ten days of business happened between the default start and the printed clock.
+        happened = events_since(info, DEFAULT_NOW)
+        assert happened and all(DEFAULT_NOW < event["created"] <= info["now"] for event in happened)
+        rest, err = stop(proc)
+        assert rest == "" and proc.returncode == 0, err
+
+
+def test_the_control_endpoint_of_a_cli_sandbox_moves_its_clock_up_to_the_horizon():
+    with launched(MODULE, "sandbox", "--scale", "20", "--advance-days", "1", "--horizon-days", "5") as proc:
+        info = json.loads(first_line(proc))
+        assert info["now"] == DEFAULT_NOW + DAY
+        refused = advance(info, info["restricted_key"], days="1")
+        assert refused.status_code == 403, refused.text
+        moved = advance(info, info["secret_key"], days="2", hours="6")
+        assert moved.status_code == 200, moved.text
+        assert moved.json() == {"object": "sandbox_clock", "now": DEFAULT_NOW + 3 * DAY + 6 * 3_600}
+        assert clock_of(charges_answer(info)) == DEFAULT_NOW + 3 * DAY + 6 * 3_600
+        # --horizon-days 5: two more days are too far; the clock stays where it was.
+        too_far = advance(info, info["secret_key"], days="2")
+        assert too_far.status_code == 400 and "horizon" in too_far.json()["error"]["message"]
+        assert advance(info, info["secret_key"], days="-1").status_code == 400
+        assert clock_of(charges_answer(info)) == DEFAULT_NOW + 3 * DAY + 6 * 3_600
+        assert advance(info, info["secret_key"], hours="42").json()["now"] == DEFAULT_NOW + 5 * DAY
+        rest, err = stop(proc)
+        assert rest == "" and proc.returncode == 0, err
+        assert info["secret_key"] not in err
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--advance-days", "-1"], "--advance-days"),
+    (["--advance-days", "nan"], "--advance-days"),
+    (["--advance-days", "inf"], "--advance-days"),
+    (["--advance-days", "soon"], "--advance-days"),
+    (["--horizon-days", "-3"], "--horizon-days"),
+    (["--horizon-days", "1.5"], "--horizon-days"),
+    (["--advance-days", "8", "--horizon-days", "7"], "--horizon-days"),
+])
+@pytest.mark.parametrize("subcommand", [["sandbox"], ["demo", "--sandbox-only"]])
+def test_bad_clock_options_exit_with_code_2_and_say_why(subcommand, args, flag):
+    result = run(MODULE, *subcommand, "--scale", "20", *args)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert flag in result.stderr
+    assert f"usage: mbi-widgets {subcommand[0]}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_sandbox_help_describes_the_clock_options():
+    result = run(MODULE, "sandbox", "--help")
+    assert result.returncode == 0
+    assert "--advance-days" in result.stdout and "--horizon-days" in result.stdout
+
+
 # --- mbi-widgets demo -----------------------------------------------------------------------------------
 
 
@@ -324,3 +428,17 @@ def test_demo_stopped_with_sigterm_takes_jupyterlab_with_it():
         # Once the command has exited, nothing it started may still be serving.
         with pytest.raises(requests.ConnectionError):
             requests.get(url, timeout=5)
+
+
+def test_demo_sandbox_only_starts_the_clock_later_and_says_when():
+    with launched(MODULE, "demo", "--sandbox-only", "--scale", "20", "--advance-days", "2.25") as proc:
+        lines = read_until(proc, "Press Ctrl-C to stop.")
+        url = lines[0].split("serving at ", 1)[1].strip()
+        key = next(line for line in lines if line.startswith("Restricted key")).rsplit(" ", 1)[1].strip()
+        now = DEFAULT_NOW + 2 * DAY + 6 * 3_600
+        clock_line = next(line for line in lines if line.startswith("Sandbox clock:"))
+        assert clock_line.split(": ", 1)[1].strip() == datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        answer = requests.get(f"{url}/v1/charges", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        assert answer.status_code == 200 and clock_of(answer) == now
+        rest, err = stop(proc)
+        assert proc.returncode == 0, err

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import requests
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from mbi_widgets import Sandbox
 from mbi_widgets.errors import SandboxError
-from mbi_widgets.sandbox.generator import DAY, EVENT_WINDOW_DAYS, HOUR
+from mbi_widgets.sandbox.generator import DAY, EVENT_WINDOW_DAYS, HOUR, History
 
 #: Small enough to build in a tenth of a second, big enough for renewals, refunds and deletions.
 SCALE = 60
@@ -76,6 +76,20 @@ def event_subject(event: dict) -> str:
     return obj["charge"] if obj["object"] == "refund" else obj["id"]
 
 
+def seed_where(wanted: Callable[[History, int], bool], tries: int = 60, **options: Any) -> int:
+    """The first seed whose whole simulation (given it and the start) has what a test needs.
+
+    Tests name the situation they need instead of a seed, so they keep their subject when the
+    generator changes.
+    """
+    options.setdefault("scale", SCALE)
+    for seed in range(tries):
+        sandbox = Sandbox(seed=seed, **options)
+        if wanted(sandbox.history(whole=True), sandbox.started_at):
+            return seed
+    pytest.fail(f"none of the first {tries} seeds simulates what this test needs")
+
+
 def clock_of(answer: requests.Response) -> int:
     when = parsedate_to_datetime(answer.headers["Date"])
     assert when.utcoffset() is not None and when.utcoffset().total_seconds() == 0
@@ -97,7 +111,8 @@ def assert_stripe_error(answer: requests.Response, status: int) -> dict:
 # --- the business goes on ----------------------------------------------------------------------------
 
 def test_advance_brings_new_customers_charges_and_invoices_created_in_the_elapsed_time():
-    with Sandbox(seed=1, scale=SCALE) as sandbox:  # seed 1 signs up customers in its first two weeks
+    seed = seed_where(lambda h, start: any(start < c.created <= start + 14 * DAY for c in h.customers))
+    with Sandbox(seed=seed, scale=SCALE) as sandbox:
         client = client_for(sandbox)
         t0 = sandbox.now
         assert sandbox.started_at == t0
@@ -226,9 +241,12 @@ def test_every_change_between_two_moments_is_announced_by_an_event(seed, moves):
 def test_stopping_at_every_moment_something_happens_no_change_goes_unannounced():
     """Random moves rarely stop between a change and a later event that names it by chance (a
     payment attempt changes its invoice a second before `invoice.paid`); stop at every one."""
-    with Sandbox(seed=2, scale=SCALE) as sandbox:
+    span = 5 * DAY  # with a customer deleted in it: the seed is chosen for that
+    seed = seed_where(lambda h, start: any(c.deleted_at is not None and start < c.deleted_at <= start + span
+                                           for c in h.customers))
+    with Sandbox(seed=seed, scale=SCALE) as sandbox:
         start = sandbox.now
-        moments = sorted({e.created for e in sandbox.history(whole=True).events if start < e.created <= start + 3 * DAY})
+        moments = sorted({e.created for e in sandbox.history(whole=True).events if start < e.created <= start + span})
         assert len(moments) >= 10
         t0, before, changed = start, served(sandbox), 0
         for moment in moments:
@@ -242,12 +260,11 @@ def test_stopping_at_every_moment_something_happens_no_change_goes_unannounced()
 # --- deletions --------------------------------------------------------------------------------------
 
 def test_a_customer_deleted_while_the_clock_runs_leaves_lists_retrieves_as_a_stub_and_has_an_event():
-    with Sandbox(seed=2, scale=SCALE) as sandbox:
+    seed = seed_where(lambda h, start: any(c.deleted_at is not None and c.deleted_at > start for c in h.customers))
+    with Sandbox(seed=seed, scale=SCALE) as sandbox:
         client = client_for(sandbox)
-        doomed = sorted((c for c in sandbox.history(whole=True).customers
-                         if c.deleted_at is not None and c.deleted_at > sandbox.now), key=lambda c: c.deleted_at)
-        assert doomed, "seed 2 deletes customers after the start; the generator changed"
-        victim = doomed[0]
+        victim = min((c for c in sandbox.history(whole=True).customers
+                      if c.deleted_at is not None and c.deleted_at > sandbox.now), key=lambda c: c.deleted_at)
         sandbox.advance(seconds=victim.deleted_at - 1 - sandbox.now)
         assert victim.id in listed_ids(sandbox, "customers")
         assert client.v1.customers.retrieve(victim.id).email
@@ -287,12 +304,14 @@ def test_a_deleted_coupon_or_plan_answers_404_resource_missing(resource, noun):
 # --- long invoices ----------------------------------------------------------------------------------
 
 def test_an_invoice_with_more_than_ten_lines_appears_and_its_lines_page_beyond_ten():
-    with Sandbox(seed=0, scale=SCALE) as sandbox:
+    seed = seed_where(lambda h, start: any(len(i.lines) > 10 and start < i.created <= start + 30 * DAY
+                                           for i in h.invoices))
+    with Sandbox(seed=seed, scale=SCALE) as sandbox:
         t0 = sandbox.now
         t1 = sandbox.advance(days=30)
         new = [inv for inv in list_all(sandbox, "invoices") if t0 < inv["created"] <= t1]
         long = [inv for inv in new if inv["lines"]["has_more"]]
-        assert long, "no invoice with more than 10 lines was issued in 30 days (seed 0 renews one monthly)"
+        assert long, "no invoice with more than 10 lines listed, though one was issued in these 30 days"
         invoice = long[0]
         assert len(invoice["lines"]["data"]) == 10
         url = f"/v1/invoices/{invoice['id']}/lines"
@@ -393,16 +412,19 @@ def test_control_endpoint_moves_the_clock_with_the_platform_secret_key():
         assert again.json()["now"] == expected + 1_800 == sandbox.now
 
 
-@pytest.mark.parametrize("who", ["restricted", "another account's restricted key", "missing", "unknown"])
+KEYS = {
+    "restricted key": lambda sandbox: sandbox.restricted_key,
+    "another account's restricted key": lambda sandbox: sandbox.create_restricted_key({"charges"}, account=1),
+    "no key": lambda sandbox: None,
+    "unknown secret key": lambda sandbox: "sk_test_" + "x" * 24,
+}
+
+
+@pytest.mark.parametrize("who", list(KEYS))
 def test_control_endpoint_refuses_any_key_but_the_platform_secret_key(who):
     with Sandbox(seed=3, scale=20) as sandbox:
-        key = {"restricted": sandbox.restricted_key, "another account's restricted key": None, "missing": None,
-               "unknown": "sk_test_" + "x" * 24}[who]
-        if who == "another account's restricted key":
-            # A restricted key of another seeded account is no better than the first one's.
-            key = sandbox.create_restricted_key({"charges"}, account=1)
-        answer = post_advance(sandbox, key, days="1")
-        assert_stripe_error(answer, 401 if who in ("missing", "unknown") else 403)
+        answer = post_advance(sandbox, KEYS[who](sandbox), days="1")
+        assert_stripe_error(answer, 403 if "restricted" in who else 401)
         assert sandbox.now == sandbox.started_at
 
 
@@ -435,19 +457,35 @@ def test_the_same_seed_advanced_the_same_way_serves_identical_charges():
 
 # --- a subscription that ended reads canceled ---------------------------------------------------------
 
+def _ended_while_an_invoice_was_unpaid(history: History, start: int) -> list:
+    """Subscriptions ending in the event window or later, before one of their invoices is paid on a retry."""
+    return [s for s in history.subscriptions
+            if s.ended_at is not None and s.ended_at > start - (EVENT_WINDOW_DAYS - 1) * DAY
+            and any(i.paid_at is not None and i.paid_at > s.ended_at for i in s.invoices)]
+
+
 def test_a_subscription_that_ended_reads_canceled_and_so_does_its_deleted_event():
     """Stripe: `customer.subscription.deleted` means the subscription ended, status `canceled`.
 
-    Guards the generator's churn after a late-paid invoice (seed 1 cancels a subscription on day
-    3.7 whose first invoice is only paid on a retry on day 14).
+    Guards the generator's churn after a late-paid invoice: the cancellation is drawn anywhere in
+    the period, so it can come before a retry pays the period's invoice. The test looks for a seed
+    where that happens (rare at this scale) and otherwise checks seed 0.
     """
-    with Sandbox(seed=1, scale=SCALE) as sandbox:
-        sandbox.advance(days=10)
-        ended = [s for s in list_all(sandbox, "subscriptions", status="all") if s["ended_at"] is not None]
-        assert ended
-        wrong = {s["id"]: s["status"] for s in ended if s["status"] != "canceled"}
+    seed, subject = 0, None
+    for candidate in range(60):
+        sandbox = Sandbox(seed=candidate, scale=SCALE)
+        found = _ended_while_an_invoice_was_unpaid(sandbox.history(whole=True), sandbox.started_at)
+        if found:
+            seed, subject = candidate, found[0]
+            break
+    with Sandbox(seed=seed, scale=SCALE) as sandbox:
+        sandbox.advance(seconds=max(0, subject.ended_at - sandbox.now) if subject else 10 * DAY)
         deleted = list_all(sandbox, "events", type="customer.subscription.deleted")
         assert deleted
-        wrong_events = {e["id"]: e["data"]["object"]["status"] for e in deleted
+        if subject is not None:
+            assert subject.id in {e["data"]["object"]["id"] for e in deleted}
+        wrong_events = {e["data"]["object"]["id"]: e["data"]["object"]["status"] for e in deleted
                         if e["data"]["object"]["status"] != "canceled"}
-        assert not wrong and not wrong_events, (wrong, wrong_events)
+        listed = list_all(sandbox, "subscriptions", status="all")
+        wrong = {s["id"]: s["status"] for s in listed if s["ended_at"] is not None and s["status"] != "canceled"}
+        assert (wrong_events, wrong) == ({}, {}), "ended subscriptions that do not read canceled"

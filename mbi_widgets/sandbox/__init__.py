@@ -11,6 +11,7 @@ to end offline), Stripe's rate limits, latency and faults on demand.
 from __future__ import annotations
 
 import html
+import math
 import random
 import re
 import secrets
@@ -168,10 +169,12 @@ class Sandbox:
 
         Raises SandboxError beyond `horizon_days` after the start.
         """
-        step = int(days * DAY + hours * 3_600 + minutes * 60 + seconds)
+        step = days * DAY + hours * 3_600 + minutes * 60 + seconds
+        if not math.isfinite(step):
+            raise SandboxError("give the sandbox clock a finite duration (days, hours, minutes, seconds)")
         if step < 0:
             raise SandboxError("the sandbox clock only moves forward: give a positive duration")
-        return self._state.advance(step)
+        return self._state.advance(int(step))
 
     # --- what tests and demos use ----------------------------------------------------------------
 

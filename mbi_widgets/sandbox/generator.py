@@ -746,7 +746,9 @@ class HistoryGenerator:
             if not self._collect(sub, invoice):
                 return
             if rng.random() < churn:
-                canceled_at = period_start + rng.randint(HOUR, max(HOUR + 1, period_end - period_start - HOUR))
+                # Canceled once the period's invoice is settled (a retry may have paid it days later).
+                settled = invoice.paid_at or period_start
+                canceled_at = settled + rng.randint(HOUR, max(HOUR + 1, period_end - settled - HOUR))
                 if canceled_at > self.end:
                     return
                 at_period_end = rng.random() < 0.6
@@ -828,6 +830,8 @@ class HistoryGenerator:
         self.build_customers()
         for coupon in self.history.coupons:
             coupon.redemptions.sort()
+        for sub in self.history.subscriptions:
+            sub.statuses.sort(key=lambda change: change[0])  # status() reads them in time order
         from mbi_widgets.sandbox.render import complete_events  # render imports this module
         complete_events(self.history, self.ids, self.window_start)
         self.history.events.sort(key=lambda e: e.created)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import math
+
 import orjson
 import logging
 import secrets
@@ -203,12 +205,17 @@ def _advance_route(state: SandboxState) -> Any:
         principal = state.principal(request)
         if principal.kind != "secret" or principal.account_id != state.platform.id:
             raise StripeHTTPError(403, "Moving the sandbox's clock needs the platform's secret key (sk_test_...).")
-        form = await request.form()
+        form = dict(await request.form()) | dict(request.query_params)
+        units = (("days", DAY), ("hours", 3_600), ("minutes", 60), ("seconds", 1))
+        if not any(unit in form for unit, _ in units):
+            raise StripeHTTPError(400, "Say how far to move the clock: days, hours, minutes or seconds (form fields).",
+                                  param="days")
         try:
-            seconds = sum(float(form.get(unit) or 0) * size for unit, size in
-                          (("days", DAY), ("hours", 3_600), ("minutes", 60), ("seconds", 1)))
-        except ValueError:
+            seconds = sum(float(form.get(unit) or 0) * size for unit, size in units)
+        except (TypeError, ValueError):
             raise StripeHTTPError(400, "days, hours, minutes and seconds must be numbers", param="days") from None
+        if not math.isfinite(seconds):
+            raise StripeHTTPError(400, "days, hours, minutes and seconds must be finite numbers", param="days")
         if seconds < 0:
             raise StripeHTTPError(400, "The sandbox's clock only moves forward.", param="days")
         try:

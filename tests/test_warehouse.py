@@ -6,7 +6,7 @@ moment. `tests/test_warehouse_properties.py` drives the same oracle with generat
 """
 from __future__ import annotations
 
-import os
+import re
 import select
 import subprocess
 import sys
@@ -245,6 +245,34 @@ def test_a_child_table_is_synced_with_its_parent(sb, wh):
     assert caught.value.code == "not_synced"
 
 
+def test_a_full_refresh_asked_for_and_a_rebuild_are_exact(sb, wh):
+    source = make_source(sb)
+    wh.sync(source, ["customers", "charges"])
+    sb.advance(days=1)
+    report = wh.sync(source, ["customers"], full=True)
+    assert (report["customers"].mode, report["customers"].reason) == ("full", "a full refresh was asked for")
+    sb.advance(days=1)
+    rebuilt = wh.rebuild(source, ["charges"])
+    assert list(rebuilt.tables) == ["charges", "charges__refunds"]
+    assert rebuilt["charges"].mode == "full" and rebuilt["charges"].added == rebuilt["charges"].rows
+    assert_matches_fresh(wh, source, ["charges", "charges__refunds"])
+    sb.advance(hours=1)
+    wh.sync(source, ["customers"])
+    assert_matches_fresh(wh, source, ["customers"])
+
+
+def test_a_table_deselected_is_left_out_of_later_syncs(sb, wh):
+    source = make_source(sb)
+    wh.sync(source, ["customers", "events"])
+    wh.select("events", synced=False)
+    sb.advance(hours=2)
+    report = wh.sync(source)
+    assert "events" not in report.tables and "customers" in report.tables
+    status = wh.status().set_index("table")
+    assert not status.loc["events", "synced"] and status.loc["customers", "synced"]
+    assert_matches_fresh(wh, source, [t for t in ALL_TABLES if t != "events"])
+
+
 # --- deletions ----------------------------------------------------------------------------------------
 
 def sandbox_deleting_a_customer(within_days: int = 20) -> tuple[Sandbox, object]:
@@ -467,6 +495,30 @@ def test_a_key_that_may_not_read_events_gets_full_syncs_that_say_so(sb, wh):
     assert_same_snapshot(before, snapshot(wh))
 
 
+def test_a_key_that_may_not_read_events_still_dates_syncs_on_stripes_clock(tmp_path):
+    """Regression guard: without Events access the sync must still take Stripe's clock (any answer's
+    `Date`), not this machine's: deletions are dated by it, and it is the events cursor that a later
+    key with Events access follows. Here Stripe's clock runs 10 days behind the machine's."""
+    with Sandbox(seed=0, scale=40, now=int(time.time()) - 10 * DAY) as sb:
+        wh = Warehouse(tmp_path / "wh.duckdb")
+        limited = make_source(sb, sb.create_restricted_key(NO_EVENTS))
+        names = ["customers", "coupons", "plans"]
+        report = wh.sync(limited, names)
+        assert report.server_time == datetime.fromtimestamp(sb.now, UTC)
+        sb.advance(days=5)  # past the sandbox's first coupon and plan deletions (days 2 to 4)
+        wh.sync(limited, names)
+        stripe_now = pd.Timestamp(sb.now, unit="s", tz="UTC")
+        assert (wh.status().set_index("table").loc[names, "events_cursor"] == stripe_now).all()
+        for name in ("coupons", "plans"):
+            deleted = wh.table(name, include_deleted=True)["deleted_at"].dropna()
+            assert len(deleted) >= 1 and (deleted <= stripe_now).all(), (name, list(deleted), stripe_now)
+        # Events access granted: the next sync follows events from where the last one really was.
+        full = make_source(sb)
+        sb.advance(days=3)
+        wh.sync(full, names)
+        assert_matches_fresh(wh, full, names)
+
+
 # --- one writer at a time, readable errors ------------------------------------------------------------
 
 _HOLDER = textwrap.dedent("""
@@ -499,6 +551,12 @@ def test_a_second_writer_gets_a_clear_error_naming_the_file(sb, tmp_path, held):
         assert str(path) in str(caught.value)
         assert caught.value.code == "locked"
         assert "another process" in str(caught.value)
+        if held == "lock":
+            # A sync still fetching holds only the writer lock: readers go on reading.
+            assert len(Warehouse(path, lock_timeout=0.5).table("coupons")) > 0
+        else:
+            with pytest.raises(WarehouseLocked, match=re.escape(str(path))):
+                Warehouse(path, lock_timeout=0.5).table("coupons")
     finally:
         holder.stdin.close()
         holder.wait(timeout=30)

@@ -210,10 +210,11 @@ class Fetcher:
             try:
                 status, payload, headers = self.transport.get(path, params)
             except stripe.StripeError as exc:  # connection refused, reset, dropped mid-body, timeout
-                status, payload, last_error = 0, None, f"{type(exc).__name__}: {exc.user_message or exc}"
+                status, payload, headers = 0, None, None
+                last_error = f"{type(exc).__name__}: {exc.user_message or exc}"
+            self._clock(headers)  # every answer, errors too, says what time it is at Stripe
             if status == 200:
                 self.budget.succeeded()
-                self._clock(headers)
                 return payload
             if status == 429:
                 rate_limited += 1

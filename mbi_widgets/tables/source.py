@@ -203,15 +203,14 @@ class StripeSource:
         return Fetched(frames={name: job.frame(name) for name in names}, deleted=deleted, stats=fetcher.stats,
                        started_at=fetcher.first_server_time, server_time=fetcher.server_time)
 
-    def server_clock(self) -> tuple[int | None, dict | None]:
-        """Stripe's clock (from the answer's `Date`) and the newest event, in one request.
-
-        Raises PermissionDenied when the key may not read events.
-        """
+    def server_clock(self) -> tuple[int | None, bool]:
+        """Stripe's clock (from the answer's `Date`) and whether this key may read events, in one request."""
         fetcher = self._fetcher()
-        payload = fetcher.get("events", "/v1/events", {"limit": 1})
-        data = payload.get("data") or []
-        return fetcher.server_time, (data[0] if data else None)
+        try:
+            fetcher.get("events", "/v1/events", {"limit": 1})
+        except PermissionDenied:
+            return fetcher.server_time, False
+        return fetcher.server_time, True
 
     # --- internals ---------------------------------------------------------------------------
 

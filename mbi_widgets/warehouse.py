@@ -107,6 +107,8 @@ class SyncReport:
     seconds: float = 0.0
     #: Stripe's clock when the sync started (the new events cursor).
     server_time: datetime | None = None
+    #: Tables left out, and why (the events table, for a key that may not read events).
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def __getitem__(self, table: str) -> TableSync:
         return self.tables[table]
@@ -127,6 +129,8 @@ class SyncReport:
         rows = [{"table": t.table, "mode": t.mode, "added": t.added, "updated": t.updated, "deleted": t.deleted,
                  "rows": t.rows, "requests": t.requests, "seconds": round(t.seconds, 2), "why": t.reason}
                 for t in self.tables.values()]
+        rows += [{"table": table, "mode": "skipped", "added": 0, "updated": 0, "deleted": 0, "rows": 0,
+                  "requests": 0, "seconds": 0.0, "why": why} for table, why in self.skipped.items()]
         return pd.DataFrame(rows, columns=["table", "mode", "added", "updated", "deleted", "rows", "requests",
                                            "seconds", "why"])
 
@@ -137,6 +141,8 @@ class SyncReport:
         for t in self.tables.values():
             lines.append(f"  {t.table}: {t.mode} ({t.reason}); +{t.added:,} ~{t.updated:,} -{t.deleted:,}, "
                          f"{t.rows:,} rows, {t.requests:,} requests")
+        for table, why in self.skipped.items():
+            lines.append(f"  {table}: skipped ({why})")
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
@@ -360,7 +366,10 @@ class Warehouse:
                           for name, row in states.items()}
                 selections = {name: self._selection(con, account, name) for name in names}
             report = SyncReport(account)
-            plan = self._plan(source, account, names, states, selections, full)
+            plan = self._plan(source, account, names, states, selections, full,
+                              events_asked=tables is not None and "events" in tables)
+            names = [name for name in names if name not in plan.skipped]
+            report.skipped = dict(plan.skipped)
             fetched = source.fetch(plan.requests, progress=progress) if plan.requests else None
             report.server_time = datetime.fromtimestamp(plan.clock, UTC)
             for name in names:
@@ -417,12 +426,17 @@ class Warehouse:
         return [t for t in ALL_TABLES if t in result]
 
     def _plan(self, source: StripeSource, account: str, names: list[str], states: dict, selections: dict,
-              full: bool) -> "_Plan":
+              full: bool, *, events_asked: bool = False) -> "_Plan":
         plan = _Plan()
         clock, events_readable = source.server_clock()
         plan.feed_requests += 1
         # Stripe's clock dates cursors and deletions; this machine's only when answers carry no `Date`.
         plan.clock = clock if clock is not None else int(time.time())
+        if not events_readable and "events" in names and not events_asked:
+            # Syncing "everything" with a key that may not read events: the other tables still sync.
+            plan.skipped["events"] = ("this key may not read events: grant Events read access to sync the events "
+                                      "table (and to make the other tables' syncs incremental)")
+            names = [name for name in names if name != "events"]
         modes: dict[str, tuple[str, str]] = {}
         for name in names:
             target = schema(name)
@@ -713,6 +727,7 @@ class _Plan:
     events: pd.DataFrame | None = None
     deleted_by_event: dict[str, dict[str, int]] = field(default_factory=dict)
     feed_requests: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 # --- events to changes ------------------------------------------------------------------------------

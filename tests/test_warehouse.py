@@ -491,8 +491,14 @@ def test_a_key_that_may_not_read_events_gets_full_syncs_that_say_so(sb, wh):
     # Asking for the events table itself is refused whole: nothing half-synced.
     before = snapshot(wh)
     with pytest.raises(PermissionDenied, match="events"):
-        wh.sync(source)
+        wh.sync(source, ["events", "customers"])
     assert_same_snapshot(before, snapshot(wh))
+    # Syncing everything leaves the events table out, and says why; the other tables still sync.
+    everything = wh.sync(source)
+    assert "events" not in everything.tables and "may not read events" in everything.skipped["events"]
+    assert "events: skipped" in str(everything)
+    assert set(everything.tables) == set(names)
+    assert_matches_fresh(wh, source, names)
 
 
 def test_a_key_that_may_not_read_events_still_dates_syncs_on_stripes_clock(tmp_path):

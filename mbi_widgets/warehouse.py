@@ -736,27 +736,25 @@ _DELETED_TYPES = {"customers": ("customer.deleted",), "invoices": ("invoice.dele
                   "coupons": ("coupon.deleted",), "plans": ("plan.deleted",)}
 
 
+#: Which table an event is about, and where the object's id is in its payload (first match wins).
+_EVENT_TARGETS: tuple[tuple[tuple[str, ...], str, str], ...] = (
+    (("customer.subscription.",), "subscriptions", "id"),
+    (("customer.discount.", "customer.source.", "customer.tax_id.", "customer.bank_account.", "customer.card."),
+     "customers", "customer"),
+    (("customer.",), "customers", "id"),
+    (("invoice.",), "invoices", "id"),
+    (("charge.refund.", "charge.dispute.", "refund."), "charges", "charge"),
+    (("charge.",), "charges", "id"),
+    (("coupon.",), "coupons", "id"),
+    (("plan.", "price."), "plans", "id"),
+)
+
+
 def _target(event_type: str, obj: Mapping[str, Any]) -> tuple[str, str | None] | None:
     """The table and object id an event says changed."""
-    if event_type.startswith("customer.subscription."):
-        return "subscriptions", obj.get("id")
-    if event_type.startswith(("customer.discount.", "customer.source.", "customer.tax_id.", "customer.bank_account.",
-                              "customer.card.")):
-        return "customers", obj.get("customer")
-    if event_type.startswith("customer."):
-        return "customers", obj.get("id")
-    if event_type.startswith("invoice."):
-        return "invoices", obj.get("id")
-    if event_type.startswith(("charge.refund.", "charge.dispute.")):
-        return "charges", obj.get("charge")
-    if event_type.startswith("charge."):
-        return "charges", obj.get("id")
-    if event_type.startswith("refund."):
-        return "charges", obj.get("charge")
-    if event_type.startswith("coupon."):
-        return "coupons", obj.get("id")
-    if event_type.startswith(("plan.", "price.")):
-        return "plans", obj.get("id")
+    for prefixes, table, key in _EVENT_TARGETS:
+        if event_type.startswith(prefixes):
+            return table, obj.get(key)
     return None
 
 

@@ -27,6 +27,7 @@ import os
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -207,14 +208,21 @@ class Warehouse:
         """Every synced table (or `names`), read in one go."""
         with self._connect() as con:
             account = self._account(account, con=con)
-            if names is None:
-                names = [t for t in ALL_TABLES if self._stored_columns(con, account, t) is not None]
-            return {name: self._read(con, account, name, None, include_deleted) for name in names}
+            stored = self._all_stored_columns(con, account)
+            names = [t for t in ALL_TABLES if t in stored] if names is None else list(names)
+            for name in names:
+                schema(name)
+            # One cursor per table, read in parallel: DuckDB scans without holding the GIL.
+            with ThreadPoolExecutor(max_workers=4, thread_name_prefix="mbi-read") as pool:
+                frames = pool.map(lambda name: self._read(con.cursor(), account, name, None, include_deleted,
+                                                          stored.get(name)), names)
+                return dict(zip(names, frames))
 
     def _read(self, con: duckdb.DuckDBPyConnection, account: str, table: str, columns: Iterable[str] | None,
-              include_deleted: bool) -> pd.DataFrame:
+              include_deleted: bool, stored: list[str] | None = None) -> pd.DataFrame:
         target = schema(table)
-        stored = self._stored_columns(con, account, table)
+        if stored is None:
+            stored = self._stored_columns(con, account, table)
         if stored is None:
             raise WarehouseError(f"{table} of {account} has not been synced yet: run wh.sync(source, "
                                  f"tables=[{table!r}]) first.", code="not_synced")
@@ -372,11 +380,22 @@ class Warehouse:
             report.skipped = dict(plan.skipped)
             fetched = source.fetch(plan.requests, progress=progress) if plan.requests else None
             report.server_time = datetime.fromtimestamp(plan.clock, UTC)
-            for name in names:
-                table_started = time.perf_counter()
-                result = self._commit(account, name, plan, fetched, selections[name][1], wall)
-                result.seconds = time.perf_counter() - table_started
-                report.tables[name] = result
+            # Frames are built on a second thread while the tables before them are written (DuckDB
+            # writes without holding the GIL), so the two overlap on a multi-core machine.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mbi-frames") as builder:
+                if fetched is not None:
+                    for name in names:
+                        if name in fetched.names:
+                            builder.submit(fetched.frame, name)
+                try:
+                    for name in names:
+                        table_started = time.perf_counter()
+                        result = self._commit(account, name, plan, fetched, selections[name][1], wall)
+                        result.seconds = time.perf_counter() - table_started
+                        report.tables[name] = result
+                except BaseException:
+                    builder.shutdown(wait=False, cancel_futures=True)
+                    raise
             stats = fetched.stats if fetched else None
             requests_by_table = _requests_by_table(stats.by_endpoint if stats else {}, plan.feed_requests, names)
             for name, result in report.tables.items():
@@ -476,7 +495,7 @@ class Warehouse:
             cursor = min(states[n][1] for n in incremental) - self.lookback
             feed = source.fetch({"events": TableRequest(listed=True, since=cursor)})
             plan.feed_requests += feed.stats.requests
-            plan.events = feed.frames["events"]
+            plan.events = feed.frame("events")
         for name in names:
             target = schema(name)
             if target.parent:
@@ -531,7 +550,7 @@ class Warehouse:
         if name == "events" and mode == "incremental":
             frame = plan.events
         else:
-            frame = fetched.frames[name] if fetched is not None else None
+            frame = fetched.frame(name) if fetched is not None else None
         if frame is None:
             raise WarehouseError(f"nothing was fetched for {name}", code="internal")
         frame = frame[[c for c in target.column_names if c in columns]]
@@ -608,9 +627,9 @@ class Warehouse:
 
     @staticmethod
     def _fetched_parents(fetched: Fetched | None, parent: str) -> set[str]:
-        if fetched is None or parent not in fetched.frames:
+        if fetched is None or parent not in fetched.names:
             return set()
-        return set(fetched.frames[parent]["id"].dropna().tolist())
+        return set(fetched.frame(parent)["id"].dropna().tolist())
 
     def _ensure_table(self, con: duckdb.DuckDBPyConnection, account: str, target: TableSchema,
                       columns: list[str]) -> bool:
@@ -658,6 +677,15 @@ class Warehouse:
         if row is None:
             return True, schema(table).column_names
         return bool(row[0]), json.loads(row[1])
+
+    @staticmethod
+    def _all_stored_columns(con: duckdb.DuckDBPyConnection, account: str) -> dict[str, list[str]]:
+        stored: dict[str, list[str]] = {}
+        for table, column in con.execute("SELECT table_name, column_name FROM information_schema.columns WHERE "
+                                         "table_schema = ? ORDER BY table_name, ordinal_position",
+                                         [_schema_name(account)]).fetchall():
+            stored.setdefault(table, []).append(column)
+        return stored
 
     @staticmethod
     def _stored_columns(con: duckdb.DuckDBPyConnection, account: str, table: str) -> list[str] | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Mapping
 
@@ -200,7 +200,7 @@ class StripeSource:
         finally:
             self.last_stats = fetcher.stats
         names = [name for plan in plans for name in (plan.name, *(child.name for child in plan.children))]
-        return Fetched(frames={name: job.frame(name) for name in names}, deleted=deleted, stats=fetcher.stats,
+        return Fetched(names=tuple(names), build=job.frame, deleted=deleted, stats=fetcher.stats,
                        started_at=fetcher.first_server_time, server_time=fetcher.server_time)
 
     def server_clock(self) -> tuple[int | None, bool]:
@@ -256,14 +256,30 @@ class TableRequest:
 
 @dataclass
 class Fetched:
-    """Frames per table (parents and their children), objects found deleted, and what it cost."""
+    """What a fetch found: a frame per table (parents and their children, built on first use, so
+    that a caller can write one table while the next is built), objects found deleted, and the cost."""
 
-    frames: dict[str, pd.DataFrame]
+    names: tuple[str, ...]
+    build: Callable[[str], pd.DataFrame]
     deleted: dict[str, set[str]]
     stats: FetchStats
     #: Stripe's clock at the first and the latest answer (None when answers carry no `Date`).
     started_at: int | None
     server_time: int | None
+    _frames: dict[str, pd.DataFrame] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def frame(self, name: str) -> pd.DataFrame:
+        with self._lock:
+            if name not in self._frames:
+                if name not in self.names:
+                    raise KeyError(name)
+                self._frames[name] = self.build(name)
+            return self._frames[name]
+
+    @property
+    def frames(self) -> dict[str, pd.DataFrame]:
+        return {name: self.frame(name) for name in self.names}
 
 
 def _retrieve(fetcher: Fetcher, table: str, object_id: str, params: dict[str, Any]) -> dict | None:

@@ -94,6 +94,7 @@ class TableSync:
     updated: int = 0
     deleted: int = 0
     requests: int = 0
+    #: Time spent writing this table (fetching is shared by every table of the sync: see the report's).
     seconds: float = 0.0
     rows: int = 0
 
@@ -389,10 +390,7 @@ class Warehouse:
                             builder.submit(fetched.frame, name)
                 try:
                     for name in names:
-                        table_started = time.perf_counter()
-                        result = self._commit(account, name, plan, fetched, selections[name][1], wall)
-                        result.seconds = time.perf_counter() - table_started
-                        report.tables[name] = result
+                        report.tables[name] = self._commit(account, name, plan, fetched, selections[name][1], wall)
                 except BaseException:
                     builder.shutdown(wait=False, cancel_futures=True)
                     raise
@@ -559,6 +557,7 @@ class Warehouse:
         deleted_ids |= set(event_deletions)
         synced_at = pd.Timestamp(wall)
         qual = _qual(account, name)
+        writing = time.perf_counter()
         with self._connect() as con:
             _exec(con, "BEGIN")
             try:
@@ -615,6 +614,7 @@ class Warehouse:
                 _exec(con, f"INSERT OR REPLACE INTO {_META}.state VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             [account, name, plan.clock, high, mode, reason, wall, None, None, json.dumps(columns)])
                 _exec(con, "COMMIT")
+                result.seconds = time.perf_counter() - writing
             except BaseException as exc:
                 _exec(con, "ROLLBACK")
                 if isinstance(exc, duckdb.IOException):

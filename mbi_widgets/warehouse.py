@@ -474,7 +474,8 @@ class Warehouse:
                                        "Events read access for faster syncs")
             elif plan.clock - state[1] > EVENTS_WINDOW - WINDOW_MARGIN:
                 age = (plan.clock - state[1]) / 86_400
-                modes[name] = ("full", f"the last sync was {age:.1f} days ago, beyond Stripe's 30-day events window")
+                modes[name] = ("full", f"the last sync was {age:.1f} days ago: its events reach past (or within a "
+                                       f"day of) the end of Stripe's 30-day events window")
             elif stored_columns is not None and set(wanted_columns) - set(stored_columns):
                 modes[name] = ("full", "columns were added to the selection")
             elif any(set(selections[c][1]) - set(json.loads(states[c][3]) if c in states and states[c][3] else [])

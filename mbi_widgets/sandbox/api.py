@@ -1,6 +1,7 @@
 """The sandbox's read API: Stripe's list and retrieve endpoints over pre-serialised datasets."""
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -62,7 +63,7 @@ def parse_params(query: str) -> dict[str, Any]:
         if not rest.endswith("]") or "[" in rest[:-1]:
             raise StripeHTTPError(400, f"Invalid parameter name: {key}", param=key)
         inner = rest[:-1]
-        if inner == "" or inner.isdigit():
+        if inner == "" or _INDEX.fullmatch(inner):
             slot = params.setdefault(name, [])
             if not isinstance(slot, list):
                 raise StripeHTTPError(400, f"Invalid array: {name}", param=name)
@@ -75,8 +76,13 @@ def parse_params(query: str) -> dict[str, Any]:
     return params
 
 
+#: ASCII digits only: str.isdigit() also accepts "²" and other digits int() refuses.
+_INTEGER = re.compile(r"-?[0-9]{1,18}")
+_INDEX = re.compile(r"[0-9]{1,6}")
+
+
 def _integer(value: Any, param: str) -> int:
-    if isinstance(value, str) and value.lstrip("-").isdigit():
+    if isinstance(value, str) and _INTEGER.fullmatch(value):
         return int(value)
     raise StripeHTTPError(400, f"Invalid integer: {value}", param=param)
 

@@ -34,6 +34,13 @@ Progress = Callable[[int, "int | None"], None]
 
 
 def _check_key(api_key: str) -> None:
+    if not isinstance(api_key, str):
+        raise StripeSourceError(f"The key must be text (an rk_... restricted key, an sk_... secret key or an OAuth "
+                                f"access token), not {type(api_key).__name__}.", code="invalid_key")
+    if not api_key.isascii() or not api_key.isprintable() or any(c.isspace() for c in api_key):
+        raise StripeSourceError("The key contains spaces, line breaks or other characters Stripe keys never have: "
+                                "copy it again from the Stripe dashboard, without the surrounding text.",
+                                code="invalid_key")
     if api_key.startswith("pk_"):
         raise StripeSourceError(
             "That is a publishable key (pk_...), which cannot read data. In the Stripe dashboard, open "

@@ -252,7 +252,7 @@ class Registry:
 
     def delete(self, id: str, *, deauthorize: Callable[[Connection, str], None] | None = None) -> Connection:
         """Removes a connection: deauthorizes it first (OAuth, when `deauthorize` is given), then its
-        secrets, then its row. If `deauthorize` raises, nothing is removed and the error propagates.
+        row and its secrets together. If anything fails, nothing is removed and the error propagates.
         Returns the removed connection."""
         connection = self.get(id)
         if connection.auth_method == "oauth" and deauthorize is not None:
@@ -262,9 +262,16 @@ class Registry:
                             "from here; revoke it in the Stripe Dashboard under Settings > Connected apps.", id)
             else:
                 deauthorize(connection, token)
-        self._forget_secrets(connection)
-        with self._transaction() as db:
-            db.execute("DELETE FROM connections WHERE id = ?", (id,))
+        # The row goes first, inside the transaction; the secrets go before it commits, and come back if
+        # the commit fails: a registry that cannot be written (locked, read-only, full) loses nothing.
+        secret, refresh_token = self.store.get(connection.secret_ref), self.store.get(connection.refresh_ref)
+        try:
+            with self._transaction() as db:
+                db.execute("DELETE FROM connections WHERE id = ?", (id,))
+                self._forget_secrets(connection)
+        except BaseException:
+            self._restore_secrets(connection, secret, refresh_token)
+            raise
         log.info("deleted connection %s", id)
         return connection
 

@@ -1,7 +1,8 @@
 """Attacks and malformed input from the hardening review (issue 9), each over real HTTP on loopback.
 
-Covered so far: superscript digits in the sandbox's integer parameters, and keys that are not
-text or carry line breaks. The rest of the review's items are still open.
+Covered so far: superscript digits in the sandbox's integer parameters, keys that are not text or
+carry line breaks, and a delete from a registry that cannot be written. The rest of the review's
+items are still open.
 """
 from __future__ import annotations
 
@@ -51,3 +52,36 @@ def test_a_key_with_line_breaks_or_spaces_is_refused_before_any_request(sandbox,
         StripeSource(sandbox.restricted_key + suffix, api_base=sandbox.api_url)
     assert caught.value.code == "invalid_key"
     assert sandbox.restricted_key not in str(caught.value)
+
+
+def test_deleting_from_a_registry_another_process_has_locked_loses_nothing(tmp_path, monkeypatch, sandbox):
+    """A registry that cannot be written (here: another process holds SQLite's write lock) must
+    keep both the row and the credential when a delete fails; before, the secrets went first."""
+    import subprocess
+    import sys
+
+    from mbi_widgets import registry as registry_module
+    from mbi_widgets.registry import Registry, RegistryError
+    from mbi_widgets.secretstore import FileStore
+
+    store = FileStore(tmp_path / "secrets.json")
+    registry = Registry(tmp_path / "connections.sqlite3", store=store)
+    connection = registry.add(name="Northwind", account_id=sandbox.accounts[0].id, account_name="Northwind",
+                              livemode=False, scope="read_only", auth_method="restricted_key",
+                              secret=sandbox.restricted_key, api_base=sandbox.api_url)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sqlite3, sys; db = sqlite3.connect(sys.argv[1], isolation_level=None); "
+         "db.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); sys.stdin.readline()",
+         str(registry.path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        monkeypatch.setattr(registry_module, "BUSY_TIMEOUT_MS", 300)
+        with pytest.raises(RegistryError) as caught:
+            registry.delete(connection.id)
+        assert "locked" in str(caught.value).lower() or "busy" in str(caught.value).lower()
+    finally:
+        holder.communicate("\n", timeout=10)
+    assert registry.get(connection.id) == connection
+    assert store.get(connection.secret_ref) == sandbox.restricted_key
+    registry.delete(connection.id)  # once the other process lets go, the delete goes through whole
+    assert registry.list() == [] and store.get(connection.secret_ref) is None

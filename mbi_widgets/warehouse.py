@@ -190,8 +190,11 @@ class Warehouse:
     def accounts(self) -> list[str]:
         """The accounts with at least one synced table."""
         with self._connect() as con:
-            rows = con.execute(f"SELECT DISTINCT account FROM {_META}.state ORDER BY 1").fetchall()
-        return [row[0] for row in rows]
+            return self._accounts_in(con)
+
+    @staticmethod
+    def _accounts_in(con: duckdb.DuckDBPyConnection) -> list[str]:
+        return [row[0] for row in con.execute(f"SELECT DISTINCT account FROM {_META}.state ORDER BY 1").fetchall()]
 
     def table(self, table: str, *, account: str | None = None, columns: Iterable[str] | None = None,
               include_deleted: bool = False) -> pd.DataFrame:
@@ -258,7 +261,7 @@ class Warehouse:
         """A SQL query (DuckDB) over the warehouse. Tables are `<account>.<table>`; with one
         account (or `account` given) its tables are also reachable by their bare names."""
         with self._connect() as con:
-            accounts = [row[0] for row in con.execute(f"SELECT DISTINCT account FROM {_META}.state").fetchall()]
+            accounts = self._accounts_in(con)
             chosen = account if account is not None else (accounts[0] if len(accounts) == 1 else None)
             if chosen is not None:
                 _exec(con, f"SET search_path = '{_schema_name(chosen)},main'")
@@ -395,7 +398,7 @@ class Warehouse:
                     builder.shutdown(wait=False, cancel_futures=True)
                     raise
             stats = fetched.stats if fetched else None
-            requests_by_table = _requests_by_table(stats.by_endpoint if stats else {}, plan.feed_requests, names)
+            requests_by_table = _requests_by_table(stats.by_endpoint if stats else {}, plan.feed_requests)
             for name, result in report.tables.items():
                 result.requests = requests_by_table.get(name, 0)
             report.requests = (stats.requests if stats else 0) + plan.feed_requests
@@ -653,11 +656,7 @@ class Warehouse:
 
     def _account(self, account: str | None, *, allow_new: bool = False,
                  con: duckdb.DuckDBPyConnection | None = None) -> str:
-        if con is None:
-            accounts = self.accounts()
-        else:
-            accounts = [row[0] for row in con.execute(
-                f"SELECT DISTINCT account FROM {_META}.state ORDER BY 1").fetchall()]
+        accounts = self.accounts() if con is None else self._accounts_in(con)
         if account is not None:
             if account not in accounts and not allow_new:
                 raise WarehouseError(f"the warehouse holds no tables of {account!r}; it holds "
@@ -824,7 +823,7 @@ def _pages(created_desc: list[int], since: int) -> int:
     return max(1, math.ceil(lo / 100))
 
 
-def _requests_by_table(by_endpoint: Mapping[str, int], feed: int, names: list[str]) -> dict[str, int]:
+def _requests_by_table(by_endpoint: Mapping[str, int], feed: int) -> dict[str, int]:
     counts: dict[str, int] = {}
     for endpoint, count in by_endpoint.items():
         parts = endpoint.split("/")

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import asyncio
-from email.utils import formatdate
 import random
 import threading
 import time
+from email.utils import formatdate
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Mapping

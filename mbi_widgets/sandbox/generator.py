@@ -767,7 +767,7 @@ class HistoryGenerator:
         future = sorted(rng.randrange(1, self.end - self.now + 1) for _ in range(round(rate * (self.end - self.now))))
         created_times = [self.start + offset for offset in offsets] + [self.now + offset for offset in future]
         for index, created in enumerate(created_times):
-            first_charge = len(self.history.charges)
+            first_charge, first_sub = len(self.history.charges), len(self.history.subscriptions)
             customer = self._customer(created)
             many_items = index == 7 or (index >= self.customer_count and rng.random() < 0.003)
             if many_items or rng.random() < 0.85:
@@ -784,12 +784,12 @@ class HistoryGenerator:
                                       description, ok)
                 if ok:
                     self._maybe_refund(charge, many=index == 11)
-            self._customer_afterlife(customer, self.history.charges[first_charge:])
+            self._customer_afterlife(customer, self.history.subscriptions[first_sub:],
+                                     self.history.charges[first_charge:])
 
-    def _customer_afterlife(self, customer: Customer, charges: list[Charge]) -> None:
+    def _customer_afterlife(self, customer: Customer, subs: list[Subscription], charges: list[Charge]) -> None:
         """Edits of the customer's details, and for some who left, the deletion of the customer."""
-        rng, h = self.rng, self.history
-        subs = [s for s in h.subscriptions[-3:] if s.customer is customer]
+        rng = self.rng
         deleted_at = None
         if all(s.ended_at is not None for s in subs) and rng.random() < 0.25:
             last = max([customer.created, *(s.ended_at for s in subs),

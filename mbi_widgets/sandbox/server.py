@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import asyncio
-import math
-
-import orjson
 import logging
+import math
 import secrets
 import threading
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response

@@ -9,10 +9,10 @@ oldest window is unbounded below), and rows are merged by id.
 from __future__ import annotations
 
 import random
-from email.utils import parsedate_to_datetime
 import threading
 import time
 from collections import deque
+from email.utils import parsedate_to_datetime
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -187,8 +187,7 @@ class Fetcher:
         self.transport, self.budget, self.retry, self.cancelled = transport, budget, retry, cancelled
         self.stats = FetchStats()
         self._stats_lock = threading.Lock()
-        #: Stripe's clock (Unix seconds) from the `Date` header of the first and the latest answers.
-        self.first_server_time: int | None = None
+        #: Stripe's clock (Unix seconds) from the `Date` header of the latest answer.
         self.server_time: int | None = None
 
     def _count(self, **increments: int) -> None:
@@ -264,8 +263,6 @@ class Fetcher:
         except (TypeError, ValueError, IndexError):
             return
         with self._stats_lock:
-            if self.first_server_time is None:
-                self.first_server_time = moment
             self.server_time = max(self.server_time or moment, moment)
 
 

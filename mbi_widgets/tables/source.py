@@ -80,7 +80,8 @@ class StripeSource:
         self._key_hint = redact(key) if key else "(client)"
         self._api_base = api_base or client._requestor.base_addresses.get("api") or "https://api.stripe.com"  # noqa: SLF001
         limits = RateLimits.coerce(rate_limits) or RateLimits.for_key(key)
-        identity = account or "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+        self._fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
+        identity = account or "key:" + self._fingerprint
         self._budget = RateBudget.shared((self._api_base, identity), limits)
         self._transport = Transport(client, account)
         self._retry = retry or RetryPolicy()
@@ -88,7 +89,6 @@ class StripeSource:
         self._floor: int | None = None
         self._floor_lock = threading.Lock()
         self._account_id: str | None = None
-        self._fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
         #: What the last `table()`/`tables()` call cost (requests, retries, windows, seconds).
         self.last_stats: FetchStats | None = None
 
@@ -207,8 +207,7 @@ class StripeSource:
         finally:
             self.last_stats = fetcher.stats
         names = [name for plan in plans for name in (plan.name, *(child.name for child in plan.children))]
-        return Fetched(names=tuple(names), build=job.frame, deleted=deleted, stats=fetcher.stats,
-                       started_at=fetcher.first_server_time, server_time=fetcher.server_time)
+        return Fetched(names=tuple(names), build=job.frame, deleted=deleted, stats=fetcher.stats)
 
     def server_clock(self) -> tuple[int | None, bool]:
         """Stripe's clock (from the answer's `Date`) and whether this key may read events, in one request."""
@@ -270,9 +269,6 @@ class Fetched:
     build: Callable[[str], pd.DataFrame]
     deleted: dict[str, set[str]]
     stats: FetchStats
-    #: Stripe's clock at the first and the latest answer (None when answers carry no `Date`).
-    started_at: int | None
-    server_time: int | None
     _frames: dict[str, pd.DataFrame] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -283,10 +279,6 @@ class Fetched:
                     raise KeyError(name)
                 self._frames[name] = self.build(name)
             return self._frames[name]
-
-    @property
-    def frames(self) -> dict[str, pd.DataFrame]:
-        return {name: self.frame(name) for name in self.names}
 
 
 def _retrieve(fetcher: Fetcher, table: str, object_id: str, params: dict[str, Any]) -> dict | None:

@@ -6,6 +6,8 @@ every state change. Nothing here prints, touches widgets or writes to disk.
 """
 from __future__ import annotations
 
+import json
+import logging
 import threading
 import time
 import warnings
@@ -19,12 +21,16 @@ from oauthlib.oauth2 import DeviceClient, OAuth2Error
 from requests_oauthlib import OAuth2Session
 
 from mbi_widgets.errors import MbiError
-from mbi_widgets.oauth import transport_allowed
-from mbi_widgets.redaction import redact
+from mbi_widgets.logfilters import install_log_redaction
+from mbi_widgets.oauth import insecure_transport_reason, transport_allowed
+from mbi_widgets.redaction import redact, redact_text
 
 CLIENT_ID = "mbi-widgets"
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 SLOW_DOWN_STEP = 5.0
+
+log = logging.getLogger("mbi_widgets.auth")
+install_log_redaction()  # requests-oauthlib logs token requests and answers whole at DEBUG
 
 
 class AuthError(MbiError):
@@ -170,7 +176,7 @@ class RelayClient:
 
     def __init__(self, relay_url: str, *, client_id: str = CLIENT_ID, timeout: float = 10.0,
                  session: requests.Session | None = None) -> None:
-        self.relay_url = relay_url.rstrip("/")
+        self.relay_url = relay_url.strip().rstrip("/")  # a URL pasted into MBI_RELAY_URL may end in a newline
         self.client_id = client_id
         self.timeout = timeout
         self._session = session or requests.Session()
@@ -206,6 +212,24 @@ class RelayClient:
         except (requests.RequestException, _ServerError, ValueError) as exc:
             return Unreachable(f"{type(exc).__name__}: {exc}"[:200])
         return TokenIssued(dict(token))
+
+    def cancel(self, device_code: str, *, timeout: float = 5.0) -> None:
+        """Tells the relay this code is abandoned: its link stops working and a late grant is revoked.
+
+        Raises AuthError when the relay cannot be reached or refuses (the code then simply expires).
+        """
+        try:
+            response = self._session.post(f"{self.relay_url}/device/cancel",
+                                          data={"client_id": self.client_id, "device_code": device_code},
+                                          timeout=min(timeout, self.timeout))
+        except requests.RequestException as exc:
+            raise AuthError(f"The relay at {self.relay_url} could not be reached to cancel the code "
+                            f"({type(exc).__name__}); it expires by itself.", code="relay_unreachable") from exc
+        if response.status_code != 200:
+            body = _json(response)
+            raise AuthError(f"The relay did not cancel the code ({response.status_code}: "
+                            f"{body.get('error_description') or body.get('error') or 'no details'}); it expires by "
+                            "itself.", code=body.get("error") or "cancel_failed")
 
     def deauthorize(self, *, access_token: str, stripe_user_id: str) -> None:
         """Asks the relay to revoke the platform's access to `stripe_user_id` (for Delete)."""
@@ -260,6 +284,7 @@ class DeviceFlow:
         self._cancel = threading.Event()
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
+        self._cancelled: threading.Thread | None = None  # the last call telling the relay of a cancel
         self._lock = threading.RLock()
 
     @property
@@ -284,6 +309,7 @@ class DeviceFlow:
         self.cancel()
         self._cancel, self._done = threading.Event(), threading.Event()
         try:
+            self._check_transport()
             waiting = self.client.request_code(clock=self._clock)
         except AuthError as exc:
             self._set(Failed(str(exc), exc.code or "relay_error"))
@@ -294,6 +320,13 @@ class DeviceFlow:
                                         name="mbi-device-flow", daemon=True)
         self._thread.start()
         return waiting
+
+    def _check_transport(self) -> None:
+        """Refuses, before anything is sent, a relay URL the token polls would be refused for later."""
+        url = getattr(self.client, "relay_url", None)
+        reason = insecure_transport_reason(url) if isinstance(url, str) else None
+        if reason is not None:
+            raise AuthError(f"The relay URL {url} cannot be used: {reason}.", code="insecure_transport")
 
     def _run(self, state: Waiting, cancel: threading.Event, done: threading.Event) -> None:
         try:
@@ -308,16 +341,42 @@ class DeviceFlow:
                 current, wait = step(current, answer, self._clock())
                 if current != self._state:
                     self._set(current, cancel)
+        except Exception as exc:  # whatever it is, the flow ends Failed: never Waiting forever on a dead thread
+            log.warning("the device flow's polling stopped", exc_info=True)
+            code = exc.code if isinstance(exc, MbiError) and exc.code else "internal_error"
+            detail = redact_text(str(exc)) or type(exc).__name__
+            self._set(Failed(f"Checking for approval stopped ({detail}). Start again; if it keeps failing, check "
+                             "the relay URL and report the problem.", code), cancel)
         finally:
             done.set()
 
     def cancel(self) -> None:
-        """Stops polling at once; the flow goes back to Idle (a code already shown simply expires)."""
+        """Stops polling at once; the flow goes back to Idle, and the relay is told the code is abandoned.
+
+        Telling the relay is best effort, on a background thread (the caller, a button click, never
+        waits on the network): the code's link then says the sign-in was cancelled, and a Stripe
+        grant that still arrives for it is revoked. If the relay cannot be told, the code expires.
+        """
         with self._lock:
             self._cancel.set()
-            if isinstance(self._state, Waiting):
+            abandoned = self._state if isinstance(self._state, Waiting) else None
+            if abandoned is not None:
                 self._set(Idle())
         self._done.set()
+        if abandoned is not None:
+            self._cancelled = threading.Thread(target=self._tell_relay_cancelled, args=(abandoned.device_code,),
+                                               name="mbi-device-cancel", daemon=True)
+            self._cancelled.start()
+
+    def _tell_relay_cancelled(self, device_code: str) -> None:
+        cancel = getattr(self.client, "cancel", None)  # a client without it (an older or scripted one): nothing to tell
+        if cancel is None:
+            return
+        try:
+            cancel(device_code)
+        except Exception as exc:  # best effort: the code expires at the relay anyway
+            log.warning("the relay was not told that the sign-in was cancelled (%s)", getattr(exc, "code", None)
+                        or type(exc).__name__)
 
     def wait(self, timeout: float | None = None) -> FlowState:
         """Blocks until the flow ends (or `timeout`), and returns the state then."""
@@ -338,9 +397,16 @@ class KeyCheck:
     warning: str | None = None
 
 
-def validate_key(api_key: str, *, api_base: str | None = None) -> KeyCheck:
+#: A key check is interactive (a click in the panel): (connect, read) seconds per attempt, two attempts at
+#: most, instead of stripe-python's 80 s read timeout.
+KEY_CHECK_TIMEOUT = (5.0, 15.0)
+
+
+def validate_key(api_key: str, *, api_base: str | None = None,
+                 timeout: float | tuple[float, float] = KEY_CHECK_TIMEOUT) -> KeyCheck:
     """Checks a pasted key by calling the API; raises AuthError saying what to create instead."""
-    key = api_key.strip()
+    _refuse_malformed(api_key)
+    key = api_key.strip()  # whitespace pasted around the key is forgiven; inside it is refused below
     if key.startswith("pk_"):
         raise AuthError("That is a publishable key (pk_...), which cannot read data. In the Stripe dashboard open "
                         "Developers > API keys > Create restricted key, give it Read access to Customers, Charges, "
@@ -349,7 +415,7 @@ def validate_key(api_key: str, *, api_base: str | None = None) -> KeyCheck:
     if not key.startswith(("rk_", "sk_")):
         raise AuthError("That does not look like a Stripe API key: paste a restricted key (rk_live_... or "
                         "rk_test_...).", code="invalid_key")
-    account_id, name = account_of(key, api_base=api_base)
+    account_id, name = account_of(key, api_base=api_base, timeout=timeout)
     warning = None
     method = "restricted_key"
     if key.startswith("sk_"):
@@ -360,36 +426,92 @@ def validate_key(api_key: str, *, api_base: str | None = None) -> KeyCheck:
     return KeyCheck(account_id, name, "_live_" in key, method, warning)
 
 
-def account_of(key: str, *, api_base: str | None = None) -> tuple[str, str]:
-    """(account id, display name) of the account a key or OAuth token reads; raises AuthError."""
-    client = stripe.StripeClient(key, base_addresses={"api": api_base} if api_base else None, max_network_retries=1)
+def account_of(key: str, *, api_base: str | None = None,
+               timeout: float | tuple[float, float] = KEY_CHECK_TIMEOUT) -> tuple[str, str]:
+    """(account id, display name) of the account a key or OAuth token reads; raises AuthError.
+
+    Each attempt waits `timeout` (seconds, or (connect, read)); a failed one is retried once.
+    """
+    _refuse_malformed(key)
+    client = stripe.StripeClient(key, base_addresses={"api": api_base} if api_base else None, max_network_retries=1,
+                                 http_client=stripe.RequestsClient(timeout=timeout))
     try:
         account = client.v1.accounts.retrieve_current()
-        return account.id, _account_name(account)
     except stripe.PermissionError:
         # A restricted key without account access can still read the tables: check one of them.
         try:
             client.v1.customers.list({"limit": 1})
         except stripe.StripeError as exc:
-            raise _key_error(key, exc) from exc
+            raise _key_error(key, exc, timeout) from exc
         return "unknown", "Stripe account"
     except stripe.StripeError as exc:
-        raise _key_error(key, exc) from exc
+        raise _key_error(key, exc, timeout) from exc
+    except UnicodeDecodeError as exc:  # stripe-python decodes every body to log it: bytes that are not text fail
+        raise AuthError("The key could not be checked: the server answered bytes that are not text. Check the API "
+                        "address (a proxy in between?) and try again.", code="bad_answer") from exc
+    account_id = getattr(account, "id", None)
+    if not isinstance(account_id, str) or not account_id:
+        raise AuthError(f"The server at {api_base or 'api.stripe.com'} answered the key check with something that is "
+                        "not a Stripe account (no account id). Check the API address (a proxy in between?) and try "
+                        "again.", code="bad_answer")
+    return account_id, _account_name(account)
+
+
+def _refuse_malformed(key: object) -> None:
+    """Refuses, before any request, what cannot be a key (sending a line break would inject a header)."""
+    if not isinstance(key, str):
+        raise AuthError(f"The key must be text (an rk_... restricted key), not {type(key).__name__}.",
+                        code="invalid_key")
+    inner = key.strip()
+    if not inner.isascii() or not inner.isprintable() or any(c.isspace() for c in inner):
+        raise AuthError("The key contains spaces, line breaks or other characters Stripe keys never have: copy it "
+                        "again from the Stripe dashboard, without the surrounding text.", code="invalid_key")
 
 
 def _account_name(account: Any) -> str:
     profile = getattr(account, "business_profile", None)
     settings = getattr(account, "settings", None)
     dashboard = getattr(settings, "dashboard", None) if settings else None
-    return (getattr(profile, "name", None) or getattr(dashboard, "display_name", None)
-            or getattr(account, "email", None) or account.id)
+    names = (getattr(profile, "name", None), getattr(dashboard, "display_name", None), getattr(account, "email", None))
+    return next((name for name in names if isinstance(name, str) and name), account.id)
 
 
-def _key_error(key: str, exc: stripe.StripeError) -> AuthError:
+def _key_error(key: str, exc: stripe.StripeError,
+               timeout: float | tuple[float, float] = KEY_CHECK_TIMEOUT) -> AuthError:
     if isinstance(exc, stripe.AuthenticationError):
         return AuthError(f"Stripe rejected the key {redact(key)}: it is mistyped, deleted or expired. Create a new "
                          "restricted key and paste it again.", code="invalid_key")
     if isinstance(exc, stripe.APIConnectionError):
-        return AuthError("Stripe could not be reached to check the key. Check the network and try again.",
+        connect, read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
+        why = (f"no connection within {connect:g} s" if isinstance(exc.__cause__, requests.ConnectTimeout)
+               else f"no answer within {read:g} s" if isinstance(exc.__cause__, requests.ReadTimeout)
+               else "no connection")
+        return AuthError(f"Stripe could not be reached to check the key ({why}). Check the network and try again.",
                          code="unreachable")
-    return AuthError(f"Stripe refused the key {redact(key)}: {exc.user_message or exc}", code="key_refused")
+    status = exc.http_status or 0
+    # Whether the body held Stripe's error object (stripe-python puts the headers in json_body when it did not parse).
+    stripe_error = isinstance(exc.json_body, dict) and isinstance(exc.json_body.get("error"), dict)
+    if status and not stripe_error:  # stripe-python's own message quotes the whole body: not shown
+        return AuthError(f"The key could not be checked: the server answered HTTP {status} with "
+                         f"{_answer_kind(exc.http_body)}. Try again in a minute; if it persists, check the API "
+                         "address.", code="bad_answer")
+    if status >= 500:
+        return AuthError(f"Stripe could not check the key just now (HTTP {status}). Try again in a minute.",
+                         code="unavailable")
+    message = exc.user_message if isinstance(exc.user_message, str) and exc.user_message else f"HTTP {status}"
+    return AuthError(f"Stripe refused the key {redact(key)}: {message.replace(key, redact(key))}", code="key_refused")
+
+
+def _answer_kind(body: object) -> str:
+    """What an answer without Stripe's error object was, in a few words (never quoted)."""
+    text = body.strip() if isinstance(body, str) else ""
+    if not text:
+        return "an empty answer"
+    if text.startswith("<"):
+        return "an HTML page, not JSON (a proxy or an outage page?)"
+    try:
+        json.loads(text)
+    except ValueError:
+        return "an answer that is not JSON (cut off?)"
+    return "JSON without Stripe's `error` object"
+

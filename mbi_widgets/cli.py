@@ -179,9 +179,17 @@ def cmd_relay(args: argparse.Namespace) -> int:
         logging.getLogger("mbi_widgets.relay").warning(
             "the relay's public URL %s is plain http on a non-loopback host: browsers will send OAuth codes "
             "in the clear. Put it behind https.", public_url)
+    app = create_app(config)  # opens the database and its token key: a bad key fails here, before "serving"
+    if args.db is None and os.path.exists("mbi-relay.sqlite3"):
+        logging.getLogger("mbi_widgets.relay").warning(
+            "mbi-relay.sqlite3 in this folder is an older relay's database, which kept tokens in plain text; the "
+            "relay now uses %s. Delete mbi-relay.sqlite3 and its -wal/-shm files.", config.db_path)
     print(f"mbi-widgets relay: serving {public_url} (device page {public_url.rstrip('/')}/device, Connect "
           f"redirect URI to register: {config.callback_url})", flush=True)
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info")
+    # Forwarded headers only from the proxies named: otherwise anyone could pick the address the throttles count.
+    proxies = {"proxy_headers": True, "forwarded_allow_ips": args.forwarded_allow_ips} if args.forwarded_allow_ips \
+        else {"proxy_headers": False}
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", **proxies)
     return 0
 
 
@@ -214,9 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
     relay.add_argument("--public-url", help="the relay's public base URL (default http://HOST:PORT)")
     relay.add_argument("--connect-url", help="Connect base URL (default https://connect.stripe.com)")
     relay.add_argument("--api-url", help="Stripe API base URL (default https://api.stripe.com)")
-    relay.add_argument("--db", help="SQLite database of device sessions (default mbi-relay.sqlite3)")
+    relay.add_argument("--db", help="SQLite database of device sessions, created 0600 (default "
+                       "mbi-relay/sessions.sqlite3); tokens in it are encrypted with MBI_RELAY_TOKEN_KEY, or else "
+                       "with a key file created beside it")
     relay.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     relay.add_argument("--port", type=int, default=8765)
+    relay.add_argument("--forwarded-allow-ips", metavar="IPS",
+                       help="comma-separated addresses of reverse proxies whose X-Forwarded-For/-Proto to trust "
+                            "(default: none, so the throttles count the connecting address)")
     relay.set_defaults(handler=cmd_relay)
     return parser
 

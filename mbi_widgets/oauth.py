@@ -26,6 +26,25 @@ def is_loopback(url: str) -> bool:
         return False
 
 
+def insecure_transport_reason(url: str) -> str | None:
+    """Why OAuth secrets must not travel to `url`; None for https, and for plain http to loopback.
+
+    `transport_allowed` and the device flow's up-front check both ask this, so a URL accepted
+    when a flow starts is never refused by the transport later (`http://127.1` is refused by both:
+    loopback must be written as localhost, 127.0.0.1 or [::1]).
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "https" and parts.hostname:
+        return None
+    if scheme == "http" and is_loopback(url):
+        return None
+    if scheme != "http":
+        return f"{url!r} is not an https URL: use the relay's https address"
+    return (f"refusing to send OAuth secrets over plain http to {parts.hostname or url}: use an https URL (plain "
+            "http is only allowed on loopback, written as localhost, 127.0.0.1 or [::1])")
+
+
 @contextlib.contextmanager
 def transport_allowed(url: str) -> Iterator[None]:
     """Lets oauthlib talk plain http to loopback (the sandbox), and nowhere else.
@@ -35,12 +54,12 @@ def transport_allowed(url: str) -> Iterator[None]:
     concurrent calls neither wait for each other nor unset it early) and restore it after.
     """
     global _users, _previous
-    if url.lower().startswith("https://"):
+    reason = insecure_transport_reason(url)
+    if reason is not None:
+        raise MbiError(reason, code="insecure_transport")
+    if urlsplit(url).scheme.lower() == "https":
         yield
         return
-    if not is_loopback(url):
-        raise MbiError(f"refusing to send OAuth secrets over plain http to {urlsplit(url).netloc}: "
-                       "use an https URL (plain http is only allowed on loopback)", code="insecure_transport")
     with _env_lock:
         if _users == 0:
             _previous = os.environ.get(_INSECURE_ENV)

@@ -16,17 +16,20 @@ from typing import Any, Iterator, Protocol, runtime_checkable
 import keyring
 import platformdirs
 from keyring.backends import fail, null
-from keyring.errors import KeyringError, PasswordDeleteError
+from keyring.errors import PasswordDeleteError
 
 from mbi_widgets.errors import MbiError
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "mbi-widgets"
-#: Environment variable that moves the secrets file (used when no OS keyring is usable).
+#: Environment variable naming the secrets file; when set, `default_store()` keeps secrets there, not in the keyring.
 SECRETS_ENV = "MBI_WIDGETS_SECRETS"
 FILE_MODE = 0o600
 DIR_MODE = 0o700
+#: The keyring entry read to probe a backend; it is never written.
+_PROBE_REF = "mbi-widgets:probe"
+_NO_BACKEND = "no OS keyring backend is installed"
 _FORMAT_VERSION = 1
 
 
@@ -102,16 +105,29 @@ class KeyringStore:
 
     @staticmethod
     def usable() -> bool:
-        """Whether the active keyring backend can store secrets (not keyring's fail or null backend)."""
+        """Whether the active keyring backend can store secrets: see `unusable_reason`."""
+        return KeyringStore.unusable_reason() is None
+
+    @staticmethod
+    def unusable_reason(backend: Any | None = None) -> str | None:
+        """Why `backend` (default: the active keyring backend) cannot keep secrets, or None when it can.
+
+        keyring's fail and null backends and an empty chainer cannot; any other backend is probed with
+        one read of an entry that never exists, because a backend can load fine and still fail every call
+        (a Secret Service backend without a D-Bus session raises RuntimeError, not a KeyringError).
+        """
+        if backend is None:
+            try:
+                backend = keyring.get_keyring()
+            except Exception as exc:  # any failure to find a backend means: do not use the keyring
+                return f"no keyring backend could be loaded ({_describe(exc)})"
+        if isinstance(backend, (fail.Keyring, null.Keyring)) or getattr(backend, "backends", None) == []:
+            return _NO_BACKEND
         try:
-            backend = keyring.get_keyring()
-        except Exception as exc:  # any failure to find a backend means: do not use the keyring
-            log.debug("the OS keyring is not usable: %s", type(exc).__name__)
-            return False
-        if isinstance(backend, (fail.Keyring, null.Keyring)):
-            return False
-        # keyring's chainer with nothing to chain behaves like the fail backend.
-        return getattr(backend, "backends", None) != []
+            backend.get_password(APP_NAME, _PROBE_REF)
+        except Exception as exc:
+            return f"the keyring backend {_backend_name(backend)} failed a test read ({_describe(exc)})"
+        return None
 
     def _keyring(self) -> Any:
         return self._backend if self._backend is not None else keyring
@@ -123,7 +139,7 @@ class KeyringStore:
 
     def set(self, ref: str, secret: str) -> None:
         _check_entry(ref, secret)
-        with self._wrapped("write", ref):
+        with self._wrapped("write", ref, secret):
             self._keyring().set_password(self.service, ref, secret)
 
     def delete(self, ref: str) -> None:
@@ -135,17 +151,42 @@ class KeyringStore:
                 pass  # already absent: deleting is idempotent
 
     @contextmanager
-    def _wrapped(self, action: str, ref: str) -> Iterator[None]:
+    def _wrapped(self, action: str, ref: str, secret: str | None = None) -> Iterator[None]:
+        """Any backend failure becomes a SecretStoreError: a read that fails must never look like "no secret"."""
         try:
             yield
-        except KeyringError as exc:
+        except Exception as exc:  # backends raise more than KeyringError (RuntimeError from D-Bus, OSError)
             raise SecretStoreError(
-                f"The OS keyring could not {action} {ref!r} for service {self.service!r} ({type(exc).__name__}). "
-                "Unlock the keyring (or run `python -m keyring diagnose` to see which backend is active) and "
-                "try again.", code="keyring_error") from exc
+                f"The OS keyring ({self._backend_name()}) could not {action} {ref!r} for service {self.service!r} "
+                f"({_describe(exc, secret)}). Unlock the keyring or start its service (`python -m keyring "
+                f"diagnose` shows which backend is active) and try again; or set {SECRETS_ENV} to a file path to "
+                "keep secrets in a 0600 file instead (connections saved in the keyring then need re-authorization).",
+                code="keyring_error") from exc
+
+    def _backend_name(self) -> str:
+        if self._backend is not None:
+            return _backend_name(self._backend)
+        try:
+            return _backend_name(keyring.get_keyring())
+        except Exception:
+            return "unknown backend"
 
     def __repr__(self) -> str:
         return f"KeyringStore(service={self.service!r})"
+
+
+def _backend_name(backend: Any) -> str:
+    """A keyring backend's display name (keyring's `name`, else its class)."""
+    name = getattr(backend, "name", None)
+    return name if isinstance(name, str) and name else type(backend).__name__
+
+
+def _describe(exc: BaseException, secret: str | None = None) -> str:
+    """`RuntimeError: first line of the message`, short; the message is left out if it contains `secret`."""
+    message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    if not message or (secret and secret in str(exc)):
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {message}"
 
 
 def default_secrets_path() -> Path:
@@ -168,8 +209,47 @@ def ensure_private_dir(directory: Path) -> None:
     os.chmod(directory, DIR_MODE)  # mkdir's mode is filtered by the umask
 
 
+def check_secrets_dir(directory: Path) -> None:
+    """Makes sure an existing secrets folder is private: one of ours open to others is tightened to 0700 (with a
+    warning naming it and its old mode); a shared one (sticky bit, like /tmp) or another user's is refused.
+
+    A folder others can write to lets them replace or remove the secrets file, so it is never used as is.
+    POSIX only; a missing folder is left alone (the caller creates it 0700).
+    """
+    if os.name != "posix":
+        return
+    try:
+        st = os.stat(directory)  # follows a symlinked folder: the target is what must be private
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        return  # not a folder: opening the file inside it fails with its own message
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & stat.S_ISVTX and mode & 0o022:
+        _refuse_dir(directory, f"is a shared folder (mode {mode:o}, sticky bit set, like /tmp)")
+    if st.st_uid != os.geteuid():
+        _refuse_dir(directory, f"belongs to another user (uid {st.st_uid}, you are {os.geteuid()})")
+    if mode & 0o077:
+        # Writable by others: they could have replaced the file, so the credentials in it are suspect.
+        advice = (" If you did not loosen it yourself, consider re-authorizing your connections."
+                  if mode & 0o022 else "")
+        log.warning("The secrets folder %s had mode %o (open to other users); restricting it to 0700.%s",
+                    directory, mode, advice)
+        os.chmod(directory, DIR_MODE)
+
+
+def _refuse_dir(directory: Path, reason: str) -> None:
+    raise SecretStoreError(
+        f"The secrets folder {directory} {reason}, so other users could replace or remove the secrets kept in it; "
+        f"mbi-widgets keeps no secret there. Set {SECRETS_ENV} to a file path in a private folder of yours (for "
+        f"example {Path(platformdirs.user_config_dir(APP_NAME)) / 'secrets.json'}) and try again.",
+        code="secrets_dir_unsafe")
+
+
 class FileStore:
-    """Secrets in a JSON file of mode 0600 inside a 0700 directory: the fallback when no keyring is usable.
+    """Secrets in a JSON file of mode 0600 inside a 0700 directory: the fallback when no keyring is usable,
+    or the user's choice through `$MBI_WIDGETS_SECRETS`. A folder or file others can use is tightened (or
+    refused when it is shared or not the user's: see `check_secrets_dir`) before any secret is read or written.
 
     Writes are atomic (a 0600 temporary file in the same directory, then `os.replace`) and serialised by
     a lock file, so processes sharing the file never lose each other's writes. A corrupt file logs a
@@ -214,6 +294,7 @@ class FileStore:
 
     def _read(self, *, for_update: bool = False) -> dict[str, str]:
         try:
+            check_secrets_dir(self.path.parent)
             self._restrict_mode()
             raw = self.path.read_bytes()
         except FileNotFoundError:
@@ -227,9 +308,18 @@ class FileStore:
         return secrets
 
     def _restrict_mode(self) -> None:
-        """A file others can read is tightened to 0600, with a warning, rather than refused."""
-        mode = stat.S_IMODE(os.stat(self.path).st_mode)
-        if os.name == "posix" and mode & 0o077:
+        """A file others can read is tightened to 0600, with a warning, rather than refused; another user's
+        file is refused (it could hold anything, and tightening it would make it theirs alone)."""
+        st = os.stat(self.path)  # raises FileNotFoundError for a store not written yet, on every platform
+        if os.name != "posix":
+            return
+        mode = stat.S_IMODE(st.st_mode)
+        if st.st_uid != os.geteuid():
+            raise SecretStoreError(
+                f"The secrets file {self.path} belongs to another user (uid {st.st_uid}, you are {os.geteuid()}), "
+                f"so mbi-widgets does not trust it. Move it away (and re-authorize your connections), or set "
+                f"{SECRETS_ENV} to a file path in a private folder of yours.", code="secrets_file_unsafe")
+        if mode & 0o077:
             log.warning("The secrets file %s had mode %o (readable by other users); restricting it to 0600. "
                         "If you did not loosen it yourself, consider re-authorizing your connections.",
                         self.path, mode)
@@ -261,8 +351,14 @@ class FileStore:
         with self._thread_lock:
             try:
                 ensure_private_dir(self.path.parent)
+                check_secrets_dir(self.path.parent)
                 fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, FILE_MODE)
             except OSError as exc:
+                raise self._os_error("lock", exc) from exc
+            try:
+                _restrict_fd(fd)  # an existing lock file keeps the mode it was made with
+            except OSError as exc:
+                os.close(fd)
                 raise self._os_error("lock", exc) from exc
             try:
                 _lock_fd(fd)
@@ -308,6 +404,12 @@ def _parse(raw: bytes) -> dict[str, str] | None:
             if isinstance(ref, str) and isinstance(value, str) and value}
 
 
+def _restrict_fd(fd: int) -> None:
+    """Tightens an open file of ours to 0600 when others can read or write it (POSIX)."""
+    if os.name == "posix" and stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+        os.fchmod(fd, FILE_MODE)
+
+
 def _lock_fd(fd: int) -> None:
     """Blocks until this process holds an exclusive lock on the open lock file."""
     try:
@@ -325,19 +427,29 @@ def _lock_fd(fd: int) -> None:
 
 
 def default_store() -> SecretStore:
-    """The OS keyring when one is usable; otherwise a 0600 `FileStore`, with an `InsecureStorageWarning`."""
-    if KeyringStore.usable():
+    """A `FileStore` at `$MBI_WIDGETS_SECRETS` when that is set (the user chose the file); else the OS keyring
+    when one is usable; else a 0600 `FileStore`, with an `InsecureStorageWarning` saying why."""
+    if os.environ.get(SECRETS_ENV):
+        store = FileStore()
+        log.info("Keeping connection secrets in %s, as %s says.", store.path, SECRETS_ENV)
+        return store
+    reason = KeyringStore.unusable_reason()
+    if reason is None:
         return KeyringStore()
     store = FileStore()
+    # A backend that exists but fails may hold secrets saved while it worked: say they are not lost.
+    earlier = ("" if reason == _NO_BACKEND else " Connections saved in the keyring while it worked are not in "
+               "this file: fix the keyring and restart the kernel to use them again, or re-authorize them.")
     warnings.warn(
-        f"No usable OS keyring was found, so mbi-widgets keeps connection secrets in {store.path}, a file only "
-        "your user account can read (mode 0600). To use the OS keyring instead, install and unlock one "
-        "(macOS Keychain and Windows Credential Locker work out of the box; on Linux run a Secret Service such "
-        "as GNOME Keyring or KWallet and `pip install secretstorage`), then restart the kernel and "
-        "re-authorize your connections. `python -m keyring diagnose` shows which backend is active.",
+        f"The OS keyring cannot be used ({reason}), so mbi-widgets keeps connection secrets in {store.path}, a "
+        f"file only your user account can read (mode 0600).{earlier} To use the OS keyring instead, install and "
+        "unlock one (macOS Keychain and Windows Credential Locker work out of the box; on Linux run a Secret "
+        "Service such as GNOME Keyring or KWallet and `pip install secretstorage`), then restart the kernel and "
+        f"re-authorize your connections. `python -m keyring diagnose` shows which backend is active. To choose "
+        f"the file yourself (and silence this warning), set {SECRETS_ENV} to its path.",
         InsecureStorageWarning, stacklevel=2)
     return store
 
 
 __all__ = ["SecretStore", "MemoryStore", "KeyringStore", "FileStore", "default_store", "default_secrets_path",
-           "SecretStoreError", "InsecureStorageWarning", "SECRETS_ENV"]
+           "check_secrets_dir", "SecretStoreError", "InsecureStorageWarning", "SECRETS_ENV"]

@@ -1,14 +1,20 @@
 """Serving an ASGI app with uvicorn on a background thread bound to loopback (sandbox, relay, tests)."""
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
 from typing import Any, Callable
 
 import uvicorn
+from starlette.requests import Request
+from starlette.responses import Response
 
 from mbi_widgets.errors import MbiError
+from mbi_widgets.logfilters import install_log_redaction
+
+log = logging.getLogger(__name__)
 
 
 def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
@@ -26,16 +32,30 @@ def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     return sock
 
 
+async def client_went_away(request: Request, exc: Exception) -> Response:
+    """Starlette exception handler for `ClientDisconnect`: a client hanging up before its request body is in
+    is routine, not a server fault, so it is one DEBUG line rather than an ERROR traceback. Register it in every
+    app that reads bodies: `exception_handlers={ClientDisconnect: client_went_away, ...}`."""
+    client = request.client.host if request.client else "a client"
+    # The path only: a query may carry an OAuth code or state.
+    log.debug("%s went away before sending the whole request (%s %s); nothing to answer",
+              client, request.method, request.url.path)
+    return Response(status_code=400)  # never delivered (the connection is gone); uvicorn drops it quietly
+
+
 class BackgroundServer:
     """Runs `app` (or `make_app(base_url)`, for apps that must know their own URL) until stop()."""
 
     def __init__(self, app: Any = None, *, make_app: Callable[[str], Any] | None = None,
-                 host: str = "127.0.0.1", port: int = 0, name: str = "mbi-server", date_header: bool = True) -> None:
+                 host: str = "127.0.0.1", port: int = 0, name: str = "mbi-server", date_header: bool = True,
+                 access_log: bool = False) -> None:
         if (app is None) == (make_app is None):
             raise ValueError("give either app or make_app")
         self._app, self._make_app, self.host, self.port, self.name = app, make_app, host, port, name
         #: False when the app sets `Date` itself (the sandbox answers with its simulated clock).
         self.date_header = date_header
+        #: True logs every request on `uvicorn.access` at INFO, with secret query values redacted.
+        self.access_log = access_log
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self.url: str | None = None
@@ -44,9 +64,12 @@ class BackgroundServer:
         sock = bind(self.host, self.port)
         url = f"http://{self.host}:{sock.getsockname()[1]}"
         app = self._app if self._app is not None else self._make_app(url)  # type: ignore[misc]
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", http="httptools",
-                                loop="asyncio", timeout_graceful_shutdown=2, server_header=False,
+        config = uvicorn.Config(app, log_level="warning", access_log=self.access_log, lifespan="off",
+                                http="httptools", loop="asyncio", timeout_graceful_shutdown=2, server_header=False,
                                 date_header=self.date_header)
+        install_log_redaction()  # after uvicorn's logging setup, which may have created its loggers
+        if self.access_log:
+            logging.getLogger("uvicorn.access").setLevel(logging.INFO)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
                                         name=f"{self.name}-{sock.getsockname()[1]}", daemon=True)

@@ -246,17 +246,18 @@ def test_keyring_usable_is_false_when_looking_up_the_backend_raises(monkeypatch)
 
 @pytest.mark.skipif(KeyringStore.usable(), reason="this machine has a usable OS keyring")
 def test_default_store_falls_back_to_a_file_with_a_visible_warning(tmp_path, monkeypatch):
-    monkeypatch.setenv(SECRETS_ENV, str(tmp_path / "s" / "secrets.json"))
+    monkeypatch.delenv(SECRETS_ENV, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "s"))  # where platformdirs puts the default file
     with pytest.warns(InsecureStorageWarning) as caught:
         store = default_store()
-    assert isinstance(store, FileStore) and store.path == tmp_path / "s" / "secrets.json"
+    assert isinstance(store, FileStore) and store.path == tmp_path / "s" / "mbi-widgets" / "secrets.json"
     message = str(caught[0].message)
     assert "0600" in message and "keyring" in message and str(store.path) in message
 
 
 def test_default_store_picks_the_keyring_when_usable_and_warns_nothing(monkeypatch, tmp_path):
-    monkeypatch.setenv(SECRETS_ENV, str(tmp_path / "s.json"))
-    monkeypatch.setattr(KeyringStore, "usable", staticmethod(lambda: True))
+    monkeypatch.delenv(SECRETS_ENV, raising=False)
+    monkeypatch.setattr(KeyringStore, "unusable_reason", staticmethod(lambda: None))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         store = default_store()
@@ -264,9 +265,10 @@ def test_default_store_picks_the_keyring_when_usable_and_warns_nothing(monkeypat
 
 
 def test_default_store_picks_the_file_when_the_keyring_is_unusable(monkeypatch, tmp_path):
-    monkeypatch.setenv(SECRETS_ENV, str(tmp_path / "s.json"))
-    monkeypatch.setattr(KeyringStore, "usable", staticmethod(lambda: False))
+    monkeypatch.delenv(SECRETS_ENV, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    monkeypatch.setattr(KeyringStore, "unusable_reason", staticmethod(lambda: "no OS keyring backend is installed"))
     with pytest.warns(InsecureStorageWarning):
         store = default_store()
     assert isinstance(store, FileStore)
-    assert not (tmp_path / "s.json").exists()  # choosing a store writes nothing
+    assert not (tmp_path / "mbi-widgets").exists()  # choosing a store writes nothing

@@ -2,7 +2,10 @@
 
 Run it with `mbi-widgets relay`, or as an ASGI app (`uvicorn mbi_widgets.relay:app`) configured
 by environment variables: MBI_RELAY_CLIENT_ID, MBI_RELAY_SECRET_KEY (the platform's secret key),
-MBI_RELAY_PUBLIC_URL, MBI_RELAY_CONNECT_URL, MBI_RELAY_API_URL and MBI_RELAY_DB.
+MBI_RELAY_PUBLIC_URL, MBI_RELAY_CONNECT_URL, MBI_RELAY_API_URL, MBI_RELAY_DB and MBI_RELAY_TOKEN_KEY
+(the key that encrypts tokens at rest; default: a 0600 key file beside the database). Run uvicorn
+with `--no-proxy-headers` unless a reverse proxy is named in `--forwarded-allow-ips`: the guess
+throttles count client addresses, which X-Forwarded-For must not be able to choose.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from typing import Any
 
 from mbi_widgets.errors import MbiError
 from mbi_widgets.relay.app import RelayConfig, create_app
+from mbi_widgets.relay.atrest import TOKEN_KEY_ENV
 
 __all__ = ["RelayConfig", "create_app", "config_from_env"]
 
@@ -24,7 +28,8 @@ def config_from_env(env: dict[str, str] | None = None, **overrides: Any) -> Rela
         "public_url": env.get("MBI_RELAY_PUBLIC_URL"),
         "connect_url": env.get("MBI_RELAY_CONNECT_URL", "https://connect.stripe.com"),
         "api_url": env.get("MBI_RELAY_API_URL", "https://api.stripe.com"),
-        "db_path": env.get("MBI_RELAY_DB", "mbi-relay.sqlite3"),
+        "db_path": env.get("MBI_RELAY_DB", RelayConfig.db_path),
+        "token_key": env.get(TOKEN_KEY_ENV),
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
     missing = [name for name in ("client_id", "secret_key", "public_url") if not values.get(name)]

@@ -255,8 +255,7 @@ class Sandbox:
         if account is None:
             raise SandboxError(f"no seeded account signs in as {email!r}; use one of {[a.email for a in self.accounts]}")
         with requests.Session() as browser:
-            browser.get(f"{relay}/device", params={"user_code": user_code}, timeout=10)
-            access = browser.post(f"{relay}/device", data={"user_code": user_code}, timeout=10)
+            access = confirm_code(browser, relay, user_code)
             link = re.search(r'href="([^"]+)"[^>]*>Sign in with Stripe to Continue', access.text)
             if access.status_code != 200 or link is None:
                 raise SandboxError(f"the relay did not accept code {user_code!r}: {_text_of(access.text)}")
@@ -277,6 +276,19 @@ class Sandbox:
         where = self._server.url if self._server and self._server.url else "not running"
         return (f"Sandbox({where}, seed={self.seed}, scale={self.scale!r}, secret_key={redact(self.secret_key)}, "
                 f"restricted_key={redact(self.restricted_key)})")
+
+
+def confirm_code(browser: requests.Session, relay_url: str, user_code: str) -> requests.Response:
+    """Confirms `user_code` on a relay's pages as a browser does; returns the access page.
+
+    Opens the code page first, as the notebook's link does: it sets the relay's cookie in
+    `browser`, and its form carries the CSRF token the confirmation needs.
+    """
+    relay = relay_url.rstrip("/")
+    form = browser.get(f"{relay}/device", params={"user_code": user_code}, timeout=10)
+    token = re.search(r'name="csrf_token" value="([^"]*)"', form.text)
+    return browser.post(f"{relay}/device", timeout=10,
+                        data={"user_code": user_code, "csrf_token": html.unescape(token.group(1)) if token else ""})
 
 
 def _password() -> str:

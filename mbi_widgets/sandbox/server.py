@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
 
@@ -20,6 +20,7 @@ from mbi_widgets.errors import SandboxError
 from mbi_widgets.sandbox.api import StripeHTTPError
 from mbi_widgets.sandbox.control import ControlMiddleware, DroppedConnection, FaultPlan, RateLimiter, RateLimits
 from mbi_widgets.redaction import redact
+from mbi_widgets.serving import client_went_away
 from mbi_widgets.sandbox.credentials import Credentials, Principal, SandboxAccount, bearer_key
 from mbi_widgets.sandbox.generator import (
     EVENT_WINDOW_DAYS,
@@ -241,7 +242,7 @@ def build_app(state: SandboxState, *, latency_ms: float = 0, mounts: dict[str, A
                 *api.routes(state), *connect.routes(state),
                 *(Mount(path, app=sub_app) for path, sub_app in (mounts or {}).items()),
                 Route("/{path:path}", _not_found, methods=all_methods)],
-        exception_handlers={StripeHTTPError: _stripe_error, Exception: _stripe_error,
-                            404: _not_found, 405: _not_found},
+        exception_handlers={StripeHTTPError: _stripe_error, ClientDisconnect: client_went_away,
+                            Exception: _stripe_error, 404: _not_found, 405: _not_found},
     )
     return ControlMiddleware(app, latency_ms=latency_ms, faults=state.faults, clock=lambda: state.now)

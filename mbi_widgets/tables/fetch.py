@@ -5,6 +5,10 @@ A table is fetched by windows over `created`. The first page tells whether the t
 window in two at the middle of its remaining time range, so work spreads over the workers
 without knowing the table's size. Windows never overlap and always cover everything (the
 oldest window is unbounded below), and rows are merged by id.
+
+Nothing waits forever: each attempt has a connect and a read timeout, a call may have a
+deadline, a page that would not move the cursor forward stops the fetch, and an answer that is
+not a Stripe list (HTML, cut-off JSON, missing fields) is a `BadAnswer` saying what came back.
 """
 from __future__ import annotations
 
@@ -17,10 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import orjson
+import requests
 import stripe
 
 from mbi_widgets.errors import MbiError
 from mbi_widgets.ratelimits import RateLimits, TokenBucket
+from mbi_widgets.redaction import redact
 
 #: Lower bound for splitting when an account's creation date is unknown (Stripe's launch year).
 STRIPE_EPOCH = 1_293_840_000
@@ -33,6 +39,14 @@ INITIAL_SPLITS = 15
 #: A window is split only when it is estimated to hold at least this many more objects, so
 #: that splitting saves more requests than it costs (each new window costs a partial page).
 MIN_SPLIT_OBJECTS = 400
+#: Seconds to wait for a connection to Stripe, and for its answer once connected (stripe-python waits 80 s).
+#: Stripe's list calls answer within a few seconds; a silent server is not waited on for minutes.
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 30.0
+#: `created` values beyond this (year 2286) are not Unix seconds: a wrong-shape answer, not a date.
+MAX_CREATED = 10_000_000_000
+#: How long a call with a deadline waits for requests still in flight before it gives up on them.
+DEADLINE_GRACE = 1.0
 
 
 class StripeSourceError(MbiError):
@@ -40,11 +54,18 @@ class StripeSourceError(MbiError):
 
 
 class FetchError(StripeSourceError):
-    """Retries ran out: raised instead of returning a silently short table."""
+    """Fetching stopped before a table was complete (retries ran out, the deadline passed, the cursor
+    did not advance): raised instead of returning a silently short table. `cursor` is the request's
+    parameters, `code` says which (`unavailable`, `rate_limit`, `deadline_exceeded`, `stuck_cursor`, ...)."""
 
     def __init__(self, message: str, *, table: str, cursor: Mapping[str, Any], code: str | None = None) -> None:
         super().__init__(message, code=code)
         self.table, self.cursor = table, dict(cursor)
+
+
+class BadAnswer(FetchError):
+    """The server's answer was not what Stripe sends (HTML, cut-off JSON, a list without `data`, an
+    object without `id`): a proxy, an outage page or a server that is not Stripe. Code `bad_answer`."""
 
 
 class AuthenticationFailed(StripeSourceError):
@@ -127,6 +148,9 @@ class RetryPolicy:
 
     max_transient: int = 6
     max_rate_limited: int = 20
+    #: Attempts of a page that ended in a timeout, beyond the first, before giving up: a server that
+    #: stayed silent for a whole read timeout three times running is not about to answer.
+    max_timeouts: int = 2
     base_delay: float = 0.25
     max_delay: float = 8.0
 
@@ -134,8 +158,61 @@ class RetryPolicy:
         return min(self.max_delay, self.base_delay * 2 ** attempt) * random.uniform(0.5, 1.5)
 
 
+@dataclass(frozen=True)
+class Timeouts:
+    """How long to wait, in seconds: for a connection and for an answer (each attempt), and for a
+    whole call such as `table()` (`deadline`; None: no limit beyond the timeouts and retries)."""
+
+    connect: float = CONNECT_TIMEOUT
+    read: float = READ_TIMEOUT
+    deadline: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("connect", "read", "deadline"):
+            value = getattr(self, name)
+            if value is None and name == "deadline":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+
+    @classmethod
+    def coerce(cls, timeout: "float | tuple[float, float] | None", deadline: float | None) -> "Timeouts":
+        """From `timeout` as requests takes it (seconds, or (connect, read)) and a deadline."""
+        if timeout is None:
+            return cls(deadline=deadline)
+        if isinstance(timeout, tuple):
+            if len(timeout) != 2:
+                raise ValueError(f"timeout must be seconds or a (connect, read) pair, not {timeout!r}")
+            return cls(timeout[0], timeout[1], deadline)
+        return cls(timeout, timeout, deadline)
+
+    def http_client(self) -> stripe.HTTPClient:
+        """stripe-python's requests client with these timeouts instead of its 80 s."""
+        return stripe.RequestsClient(timeout=(self.connect, self.read))
+
+
+@dataclass(frozen=True)
+class NotJson:
+    """An answer body that did not parse as JSON, described for the error message (never quoted:
+    a body can hold anything)."""
+
+    description: str
+
+
+def _not_json(body: bytes, headers: Mapping[str, str] | None, error: orjson.JSONDecodeError) -> NotJson:
+    content_type = str((headers or {}).get("Content-Type") or (headers or {}).get("content-type") or "").lower()
+    text = body.lstrip()[:64].lower()
+    if not text:
+        return NotJson("an empty answer")
+    if "html" in content_type or text.startswith(b"<"):
+        return NotJson("an HTML page, not JSON (a proxy, a firewall or an outage page? check api_base)")
+    if "unexpected end of data" in str(error):
+        return NotJson(f"JSON cut off after {len(body)} bytes (the connection dropped mid-answer?)")
+    return NotJson(f"{len(body)} bytes that are not JSON ({content_type or 'no content type'})")
+
+
 class Transport:
-    """GET requests through a `stripe.StripeClient`, returning parsed JSON.
+    """GET requests through a `stripe.StripeClient`, returning parsed JSON (or `NotJson`).
 
     Uses the client's raw requestor so that bodies are parsed once with orjson instead of into
     StripeObjects; the client's key, base address and HTTP client are used as they are.
@@ -145,20 +222,137 @@ class Transport:
         self.client = client
         self.account = account
 
+    @property
+    def secret(self) -> str:
+        """The client's key, only to mask it in server-provided text."""
+        return self.client._requestor.api_key or ""  # noqa: SLF001
+
     def get(self, path: str, params: Mapping[str, Any]) -> tuple[int, Any, Mapping[str, str]]:
         options: dict[str, Any] = {"stripe_account": self.account} if self.account else {}
-        body, status, headers = self.client._requestor.request_raw(  # noqa: SLF001 - the stable raw path
-            "get", path, params=dict(params), options=options, base_address="api", api_mode="V1")
+        try:
+            body, status, headers = self.client._requestor.request_raw(  # noqa: SLF001 - the stable raw path
+                "get", path, params=dict(params), options=options, base_address="api", api_mode="V1")
+        except UnicodeDecodeError:  # stripe-python decodes every body to log it, and fails on bytes that are not text
+            return 0, NotJson("bytes that are not UTF-8 text (binary, or wrongly compressed?)"), {}
         try:
             return status, orjson.loads(body), headers
-        except orjson.JSONDecodeError:
-            return (status if status >= 500 else 502), None, headers
+        except orjson.JSONDecodeError as exc:
+            return status, _not_json(bytes(body), headers, exc), headers
 
 
 def _error_message(payload: Any) -> str:
+    """What an error answer says: Stripe's `error.message`, or what the body was instead."""
+    if isinstance(payload, NotJson):
+        return f"the server answered {payload.description}"
     if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
-        return str(payload["error"].get("message") or payload["error"])
-    return "no error message"
+        message = payload["error"].get("message")
+        return str(message) if message else f"an error without a message ({payload['error'].get('type') or 'no type'})"
+    return f"the server answered a JSON {_kind(payload)} without Stripe's `error` object"
+
+
+def _kind(value: Any) -> str:
+    """The JSON type of a parsed value, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    return {dict: "object", list: "array", str: "string", int: "number", float: "number"}.get(type(value), "value")
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether a network error was a timeout (stripe-python wraps requests' exception)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, (requests.Timeout, TimeoutError)):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def _network_error(exc: stripe.StripeError, timeouts: Timeouts) -> str:
+    """A network failure in a few words (stripe-python's own text asks to contact Stripe support)."""
+    cause = exc.__cause__
+    if isinstance(cause, requests.ConnectTimeout):
+        return f"no connection within {timeouts.connect:g} s"
+    if isinstance(cause, requests.ReadTimeout):
+        return f"no answer within {timeouts.read:g} s"
+    if isinstance(cause, requests.ConnectionError):
+        return f"the connection failed or dropped ({type(cause).__name__})"
+    if cause is not None:
+        return f"{type(cause).__name__}"
+    return f"{type(exc).__name__}"
+
+
+# --- what a well-formed answer looks like ---------------------------------------------------------
+
+def _list_problem(payload: Any, *, dated: bool, created: Any = None) -> str | None:
+    """What is wrong with a list page, or None. Checks every object's id (cheap next to parsing);
+    `created` is the request's filter, which the first and last objects must fall within."""
+    if not isinstance(payload, dict):
+        return f"the answer is a JSON {_kind(payload)}, not a list object"
+    data, has_more = payload.get("data"), payload.get("has_more")
+    if not isinstance(data, list):
+        return "the answer has no `data` list" if data is None else f"its `data` is a JSON {_kind(data)}, not an array"
+    if not isinstance(has_more, bool):
+        return ("the answer has no `has_more` flag" if has_more is None
+                else f"its `has_more` is a JSON {_kind(has_more)}, not true or false")
+    for index, obj in enumerate(data):
+        problem = _object_problem(obj, dated=dated)
+        if problem:
+            return f"data[{index}] {problem}"
+    if dated and data and isinstance(created, Mapping):
+        lowest, highest = created.get("gte"), created.get("lt")
+        for obj in (data[0], data[-1]):
+            if (lowest is not None and obj["created"] < lowest) or (highest is not None and obj["created"] >= highest):
+                return (f"it holds objects created outside the requested range {dict(created)}: the server ignores "
+                        "the `created` filter")
+    return None
+
+
+def _object_problem(obj: Any, *, dated: bool) -> str | None:
+    """What is wrong with one object, or None."""
+    if not isinstance(obj, dict):
+        return f"is a JSON {_kind(obj)}, not an object"
+    object_id = obj.get("id")
+    if not isinstance(object_id, str) or not object_id:
+        return "has no `id`"
+    if dated:
+        created = obj.get("created")
+        if isinstance(created, bool) or not isinstance(created, int) or not 0 <= created < MAX_CREATED:
+            return "has no `created` time in Unix seconds"
+    return None
+
+
+def _bad_answer(table: str, path: str, params: Mapping[str, Any], problem: str) -> BadAnswer:
+    return BadAnswer(f"The answer for {table} at {path} with {dict(params)} is not what Stripe sends: {problem}. "
+                     "Nothing was returned so that no table is silently short. Check api_base (is it Stripe, or "
+                     "a proxy in between?) and try again; if it persists, report it with the table.",
+                     table=table, cursor=params, code="bad_answer")
+
+
+def next_cursor(table: str, path: str, params: Mapping[str, Any], data: list[dict], has_more: bool,
+                seen: set[str]) -> str | None:
+    """The id to continue after, or None when the list is complete.
+
+    Stripe's cursor always moves to older objects, so the last id of a page never comes back:
+    a page that repeats one (`seen` holds every page's last id) or is empty while saying
+    `has_more` would be fetched forever, and stops the fetch instead.
+    """
+    if not has_more:
+        return None
+    if not data:
+        raise FetchError(f"The server answered an empty page of {table} that says more follow (at {path} with "
+                         f"{dict(params)}); stopped instead of asking forever. Check api_base (is it Stripe?); "
+                         "if it persists, report it with the table and cursor.",
+                         table=table, cursor=params, code="stuck_cursor")
+    last = data[-1]["id"]
+    if last in seen:
+        raise FetchError(f"The server answered a page of {table} it had already sent (at {path} with {dict(params)}"
+                         f"; the cursor stays at {last[:80]!r} although has_more is true); stopped instead of looping "
+                         "forever. Check api_base (is it Stripe?); if it persists, report it with the table and "
+                         "cursor.", table=table, cursor=params, code="stuck_cursor")
+    seen.add(last)
+    return last
 
 
 @dataclass
@@ -180,13 +374,22 @@ class FetchStats:
 
 
 class Fetcher:
-    """One GET with retries under the shared budget; raises our errors, never a short result."""
+    """One GET with retries under the shared budget; raises our errors, never a short result.
+
+    Every attempt is bounded by the HTTP client's timeouts; the call as a whole by
+    `timeouts.deadline`, counted from when the fetcher is made (one fetcher per call).
+    """
 
     def __init__(self, transport: Transport, budget: RateBudget, retry: RetryPolicy,
-                 cancelled: Callable[[], bool] = lambda: False) -> None:
+                 cancelled: Callable[[], bool] = lambda: False, *, timeouts: Timeouts | None = None) -> None:
         self.transport, self.budget, self.retry, self.cancelled = transport, budget, retry, cancelled
+        self.timeouts = timeouts or Timeouts()
+        #: time.monotonic() after which no request is started (None: no deadline).
+        self.deadline = None if self.timeouts.deadline is None else time.monotonic() + self.timeouts.deadline
         self.stats = FetchStats()
         self._stats_lock = threading.Lock()
+        #: The request each thread is waiting on, to say where a call stood when its deadline passed.
+        self._in_flight: dict[int, tuple[str, str, Mapping[str, Any]]] = {}
         #: Stripe's clock (Unix seconds) from the `Date` header of the latest answer.
         self.server_time: int | None = None
 
@@ -195,24 +398,42 @@ class Fetcher:
             for name, value in increments.items():
                 setattr(self.stats, name, getattr(self.stats, name) + value)
 
-    def get(self, table: str, path: str, params: Mapping[str, Any], endpoint: str | None = None) -> dict:
-        transient = rate_limited = 0
+    def list(self, table: str, path: str, params: Mapping[str, Any], endpoint: str | None = None, *,
+             dated: bool = True) -> tuple[list[dict], bool]:
+        """One page of a list: its objects (each with an `id`, and a `created` time when `dated`) and `has_more`."""
+        payload = self.get(table, path, params, endpoint)
+        problem = _list_problem(payload, dated=dated, created=params.get("created"))
+        if problem:
+            raise _bad_answer(table, path, params, problem)
+        return payload["data"], payload["has_more"]
+
+    def object(self, table: str, path: str, params: Mapping[str, Any], endpoint: str | None = None) -> dict:
+        """One object by id: a dict with an `id` (and a `created` time unless it says it was deleted)."""
+        payload = self.get(table, path, params, endpoint)
+        dated = not (isinstance(payload, dict) and payload.get("deleted") is True)
+        problem = _object_problem(payload, dated=dated)
+        if problem:
+            raise _bad_answer(table, path, params, f"the object {problem}")
+        return payload
+
+    def get(self, table: str, path: str, params: Mapping[str, Any], endpoint: str | None = None) -> Any:
+        transient = rate_limited = timeouts = 0
         last_error = ""
         while True:
-            if self.cancelled():
-                raise StripeSourceError(f"fetching {table} was cancelled", code="cancelled")
+            self._check_running(table, path, params)
             self.budget.acquire(endpoint or path)
-            self._count(requests=1)
-            with self._stats_lock:
-                key = endpoint or path
-                self.stats.by_endpoint[key] = self.stats.by_endpoint.get(key, 0) + 1
+            self._started(table, path, params, endpoint or path)
             try:
                 status, payload, headers = self.transport.get(path, params)
             except stripe.StripeError as exc:  # connection refused, reset, dropped mid-body, timeout
                 status, payload, headers = 0, None, None
-                last_error = f"{type(exc).__name__}: {exc.user_message or exc}"
+                last_error = _network_error(exc, self.timeouts)
+                if _timed_out(exc):
+                    timeouts += 1
+            finally:
+                self._finished()
             self._clock(headers)  # every answer, errors too, says what time it is at Stripe
-            if status == 200:
+            if status == 200 and not isinstance(payload, NotJson):
                 self.budget.succeeded()
                 return payload
             if status == 429:
@@ -224,33 +445,78 @@ class Fetcher:
                                      f"{path} {dict(params)}); nothing was returned so that no table is silently "
                                      "short. Try again later or lower the rate limits.",
                                      table=table, cursor=params, code="rate_limit")
-                time.sleep(self.retry.delay(min(rate_limited, 5)))
+                self._pause(self.retry.delay(min(rate_limited, 5)), table, path, params)
                 continue
-            if status == 0 or status >= 500:
+            # A 200 whose body is not JSON was almost always cut off by a dropped connection: retried too.
+            if status in (0, 200) or status >= 500:
                 transient += 1
                 self._count(retried=1)
-                last_error = last_error if status == 0 else f"HTTP {status}: {_error_message(payload)}"
-                if transient > self.retry.max_transient:
+                if status or isinstance(payload, NotJson):
+                    last_error = (f"HTTP {status}: " if status else "") + self._scrub(_error_message(payload))
+                if transient > self.retry.max_transient or timeouts > self.retry.max_timeouts:
                     raise FetchError(f"could not fetch {table} at {path} with {dict(params)} after {transient} "
                                      f"attempts (last error: {last_error}); nothing was returned so that no table "
-                                     "is silently short. Check the network or Stripe's status, then try again.",
-                                     table=table, cursor=params, code="unavailable")
-                time.sleep(self.retry.delay(transient - 1))
+                                     "is silently short. Check the network, api_base or Stripe's status, then try "
+                                     "again.", table=table, cursor=params, code="unavailable")
+                self._pause(self.retry.delay(transient - 1), table, path, params)
                 continue
-            message = _error_message(payload)
-            if status == 401:
-                raise AuthenticationFailed(f"Stripe rejected the credentials while reading {table}: {message} "
-                                           "Re-authenticate the connection (or create a new restricted key).",
-                                           code="authentication_failed")
-            if status == 403:
-                raise PermissionDenied(f"The key may not read {table}: {message} Grant read access to it in the "
-                                       "Stripe dashboard (Developers > API keys), or use another key.",
-                                       code="permission_denied")
-            error = payload.get("error") if isinstance(payload, dict) else None
-            if status == 404 and isinstance(error, dict) and error.get("code") == "resource_missing":
-                raise NotFound(f"Stripe has no such object for {table}: {message}", code="resource_missing")
-            raise RequestRejected(f"Stripe refused the request for {table} ({status}): {message}",
-                                  code=str(status))
+            raise self._refusal(table, status, payload)
+
+    def _refusal(self, table: str, status: int, payload: Any) -> StripeSourceError:
+        """The error for an answer that is not retried (401, 403, 404, other 4xx)."""
+        message = self._scrub(_error_message(payload))
+        if status == 401:
+            return AuthenticationFailed(f"Stripe rejected the credentials while reading {table}: {message} "
+                                        "Re-authenticate the connection (or create a new restricted key).",
+                                        code="authentication_failed")
+        if status == 403:
+            return PermissionDenied(f"The key may not read {table}: {message} Grant read access to it in the "
+                                    "Stripe dashboard (Developers > API keys), or use another key.",
+                                    code="permission_denied")
+        error = payload.get("error") if isinstance(payload, dict) else None
+        if status == 404 and isinstance(error, dict) and error.get("code") == "resource_missing":
+            return NotFound(f"Stripe has no such object for {table}: {message}", code="resource_missing")
+        return RequestRejected(f"Stripe refused the request for {table} ({status}): {message}", code=str(status))
+
+    def _scrub(self, text: str) -> str:
+        """Server-provided text with our own key masked (a proxy or a test server may echo it)."""
+        key = self.transport.secret
+        return text.replace(key, redact(key)) if key and key in text else text
+
+    def _check_running(self, table: str, path: str, params: Mapping[str, Any]) -> None:
+        if self.cancelled():
+            raise StripeSourceError(f"fetching {table} was cancelled", code="cancelled")
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise self.deadline_error(table, path, params)
+
+    def _pause(self, seconds: float, table: str, path: str, params: Mapping[str, Any]) -> None:
+        """Sleeps before a retry, but never past the deadline."""
+        if self.deadline is not None:
+            seconds = min(seconds, max(0.0, self.deadline - time.monotonic()))
+        time.sleep(seconds)
+        self._check_running(table, path, params)
+
+    def _started(self, table: str, path: str, params: Mapping[str, Any], endpoint: str) -> None:
+        with self._stats_lock:
+            self.stats.requests += 1
+            self.stats.by_endpoint[endpoint] = self.stats.by_endpoint.get(endpoint, 0) + 1
+            self._in_flight[threading.get_ident()] = (table, path, params)
+
+    def _finished(self) -> None:
+        with self._stats_lock:
+            self._in_flight.pop(threading.get_ident(), None)
+
+    def deadline_error(self, table: str | None = None, path: str | None = None,
+                       params: Mapping[str, Any] | None = None) -> FetchError:
+        """The error for a call that ran out of time; names a request in flight when none is given."""
+        if table is None:
+            with self._stats_lock:
+                table, path, params = next(iter(self._in_flight.values()), ("the tables", "", {}))
+        where = f" (at {path} with {dict(params or {})})" if path else ""
+        return FetchError(f"fetching {table} did not finish within the deadline of {self.timeouts.deadline:g} s"
+                          f"{where}; nothing was returned so that no table is silently short. Give a longer "
+                          "deadline (StripeSource(..., deadline=seconds) or None) or fewer tables, or check the "
+                          "network.", table=table, cursor=params or {}, code="deadline_exceeded")
 
     def _clock(self, headers: Mapping[str, str] | None) -> None:
         value = None
@@ -260,7 +526,7 @@ class Fetcher:
             return
         try:
             moment = int(parsedate_to_datetime(value).timestamp())
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, IndexError, OverflowError):
             return
         with self._stats_lock:
             self.server_time = max(self.server_time or moment, moment)
@@ -281,6 +547,8 @@ class Window:
     done: bool = False
     #: Objects per second of `created`, measured on the last full page.
     density: float = 0.0
+    #: The last id of every page so far: a cursor that comes back means the list is not advancing.
+    seen: set[str] = field(default_factory=set)
 
     def span(self, floor: int) -> int:
         if self.top is None:
@@ -309,6 +577,7 @@ class ChildTask:
     position: int
     busy: bool = False
     done: bool = False
+    seen: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -329,9 +598,12 @@ class Job:
     """Fetches several tables concurrently with one pool of workers and one budget."""
 
     def __init__(self, *, fetcher: Fetcher, plans: list["TablePlan"], workers: int, floor: Callable[[], int],
-                 progress: Callable[[int, int | None], None] | None) -> None:
+                 progress: Callable[[int, int | None], None] | None,
+                 table_progress: Callable[[str, int], None] | None = None) -> None:
         self.fetcher, self.plans, self.workers, self._floor_fn = fetcher, {p.name: p for p in plans}, workers, floor
         self.progress = progress
+        #: Rows collected so far per table (a warehouse sync's per-table progress bars).
+        self.table_progress = table_progress
         self.collected: dict[str, Collected] = {}
         for plan in plans:
             self.collected[plan.name] = Collected()
@@ -357,8 +629,14 @@ class Job:
                    for i in range(self.workers)]
         for thread in threads:
             thread.start()
+        # With a deadline, a request stuck past it (a server trickling bytes) does not hold the call.
+        end = None if self.fetcher.deadline is None else self.fetcher.deadline + DEADLINE_GRACE
         for thread in threads:
-            thread.join()
+            thread.join(None if end is None else max(0.0, end - time.monotonic()))
+        if any(thread.is_alive() for thread in threads):
+            with self._lock:
+                if self._error is None:
+                    self._error = self.fetcher.deadline_error()
         self.fetcher.stats.seconds = time.perf_counter() - started
         if self._error is not None:
             raise self._error
@@ -435,14 +713,16 @@ class Job:
 
     def _probe(self, table: str) -> None:
         plan = self.plans[table]
-        payload = self.fetcher.get(table, plan.path, plan.params(limit=100))
-        self._absorb(plan, payload["data"])
-        if payload["has_more"] and payload["data"]:
-            last = payload["data"][-1]
+        params = plan.params(limit=100)
+        data, has_more = self.fetcher.list(table, plan.path, params)
+        self._absorb(plan, data, params)
+        seen: set[str] = set()
+        after = next_cursor(table, plan.path, params, data, has_more, seen)
+        if after is not None:
             if self._floor is None:
                 self._floor = self._floor_fn()
-            window = Window(table, plan.since, None, after=last["id"], top=last["created"], pages=1)
-            window.observe(payload["data"])
+            window = Window(table, plan.since, None, after=after, top=data[-1]["created"], pages=1, seen=seen)
+            window.observe(data)
             self.fetcher._count(windows=1)
             with self._lock:
                 self._windows.append(window)
@@ -458,39 +738,41 @@ class Job:
         with self._lock:
             lo, hi, after = window.lo, window.hi, window.after
         params = plan.params(limit=100, gte=lo, lt=hi, after=after)
-        payload = self.fetcher.get(window.table, plan.path, params)
-        data = payload["data"]
-        self._absorb(plan, data)
+        data, has_more = self.fetcher.list(window.table, plan.path, params)
+        self._absorb(plan, data, params)
+        following = next_cursor(window.table, plan.path, params, data, has_more, window.seen)
         with self._lock:
             window.pages += 1
             window.busy = False
             if data:
                 window.after, window.top = data[-1]["id"], data[-1]["created"]
                 window.observe(data)
-            if not payload["has_more"] or not data:
+            if following is None:
                 window.done = True
 
     def _child_page(self, task: ChildTask) -> None:
         params = dict(task.params, limit=100)
         if task.after:
             params["starting_after"] = task.after
-        payload = self.fetcher.get(task.table, task.path, params, endpoint=task.path.split("?")[0])
+        data, has_more = self.fetcher.list(task.table, task.path, params, endpoint=task.path.split("?")[0],
+                                           dated=False)
         self.fetcher._count(child_requests=1)
         child = self._child_plan(task.table)
         self._store(child.name, [(child.shaper.row(obj, task.parent_id), obj["id"],
                                   (*task.parent_order, -(task.position + index)))
-                                 for index, obj in enumerate(payload["data"])])
-        task.position += len(payload["data"])
+                                 for index, obj in enumerate(data)])
+        task.position += len(data)
+        following = next_cursor(task.table, task.path, params, data, has_more, task.seen)
         with self._lock:
-            if payload["has_more"] and payload["data"]:
-                task.after, task.busy = payload["data"][-1]["id"], False
+            if following is not None:
+                task.after, task.busy = following, False
                 self._children.append(task)
             else:
                 task.done = True
 
-    def absorb_page(self, plan: "TablePlan", objects: list[dict]) -> None:
-        """Takes one page of parents on the calling thread, completing their long embedded lists."""
-        self._absorb(plan, objects)
+    def absorb_page(self, plan: "TablePlan", objects: list[dict], params: Mapping[str, Any] | None = None) -> None:
+        """Takes one page of checked parents on the calling thread, completing their long embedded lists."""
+        self._absorb(plan, objects, params)
         while self._children:
             self._child_page(self._children.popleft())
 
@@ -506,22 +788,29 @@ class Job:
                     return child
         raise KeyError(name)
 
-    def _absorb(self, plan: "TablePlan", objects: list[dict]) -> None:
+    def _absorb(self, plan: "TablePlan", objects: list[dict], params: Mapping[str, Any] | None = None) -> None:
+        """Stores a page of checked objects and their embedded lists; `params` (the page's request) names
+        where a malformed embedded list came from."""
         self._store(plan.name, [(plan.shaper.row(obj), obj["id"], (obj.get("created") or 0, obj["id"]))
                                 for obj in objects])
         for child in plan.children:
             rows, follow_ups = [], []
-            for obj in objects:
+            for number, obj in enumerate(objects):
                 embedded = obj.get(child.field)
                 if not isinstance(embedded, dict):
                     continue
-                entries = embedded.get("data") or []
+                problem = _list_problem(embedded, dated=False)
+                if problem:
+                    raise _bad_answer(plan.name, plan.path, params or {},
+                                      f"in data[{number}], the embedded `{child.field}` list: {problem}")
+                entries = embedded["data"]
                 parent_order = (obj.get("created") or 0, obj["id"])
                 rows += [(child.shaper.row(entry, obj["id"]), entry["id"], (*parent_order, -index))
                          for index, entry in enumerate(entries)]
-                if embedded.get("has_more"):
-                    follow_ups.append(child.task(obj["id"], entries[-1]["id"] if entries else None,
-                                                 parent_order, len(entries)))
+                if embedded["has_more"]:
+                    task = child.task(obj["id"], entries[-1]["id"] if entries else None, parent_order, len(entries))
+                    task.seen.update([task.after] if task.after else [])
+                    follow_ups.append(task)
             self._store(child.name, rows)
             if follow_ups:
                 with self._lock:
@@ -543,6 +832,11 @@ class Job:
                 if done > self._reported:
                     self._reported = done
                     self.progress(done, None)
+        if self.table_progress is not None and rows:
+            with self._progress_lock:  # one caller at a time, so each table's count only grows
+                with self._lock:
+                    count = len(collected.rows)
+                self.table_progress(table, count)
 
 
 @dataclass

@@ -14,7 +14,9 @@ import stripe
 from mbi_widgets.ratelimits import RateLimits
 from mbi_widgets.redaction import redact
 from mbi_widgets.tables.fetch import (
+    MAX_CREATED,
     STRIPE_EPOCH,
+    BadAnswer,
     ChildPlan,
     Fetcher,
     FetchStats,
@@ -25,10 +27,12 @@ from mbi_widgets.tables.fetch import (
     RetryPolicy,
     StripeSourceError,
     TablePlan,
+    Timeouts,
     Transport,
+    next_cursor,
 )
 from mbi_widgets.tables.schema import ALL_TABLES, CHILD_TABLES, EXPECTED_TABLES, TableSchema, schema
-from mbi_widgets.tables.shape import Shaper
+from mbi_widgets.tables.shape import ShapeError, Shaper
 
 Progress = Callable[[int, "int | None"], None]
 
@@ -58,21 +62,37 @@ class StripeSource:
     `stripe.StripeClient`; `account` sets the `Stripe-Account` header; `api_base` points at
     another Stripe-compatible server (the sandbox). Nothing is stored at module level, so any
     number of sources for different accounts live side by side.
+
+    Nothing waits forever. `timeout` is how long one attempt waits, as requests takes it: seconds,
+    or (connect, read); the default (5, 30) suits Stripe, whose list calls answer within a few
+    seconds (stripe-python's own default is 80 s). A page is retried after errors and timeouts
+    (`retry`; at most 3 attempts end in a timeout), so a silent server fails a call within about
+    a minute and a half. `deadline` caps a whole call (`table()`, `tables()`, `fetch()`,
+    `preview()`) in seconds; the default None sets no cap, since a large live account can take
+    an hour to fetch. Both raise `FetchError` naming the table and the cursor. A client you pass
+    keeps its own HTTP client's timeouts (`stripe.RequestsClient(timeout=(5, 30))`).
     """
 
     def __init__(self, api_key: str | None = None, *, client: stripe.StripeClient | None = None,
                  account: str | None = None, api_base: str | None = None,
                  rate_limits: RateLimits | Mapping[str, float] | str | None = None, workers: int = 16,
-                 retry: RetryPolicy | None = None) -> None:
+                 retry: RetryPolicy | None = None, timeout: float | tuple[float, float] | None = None,
+                 deadline: float | None = None) -> None:
+        #: Seconds to wait: connect and read per attempt, deadline per call (None: none).
+        self.timeouts = Timeouts.coerce(timeout, deadline)
         if client is None:
             if not api_key:
                 raise StripeSourceError("StripeSource needs an api_key (rk_..., sk_... or an OAuth access token) "
                                         "or a stripe.StripeClient.", code="missing_key")
             _check_key(api_key)
             client = stripe.StripeClient(api_key, base_addresses={"api": api_base} if api_base else None,
-                                         max_network_retries=0)
+                                         max_network_retries=0, http_client=self.timeouts.http_client())
         elif api_key:
             raise StripeSourceError("Give either api_key or client, not both.", code="ambiguous_credentials")
+        elif timeout is not None:
+            raise StripeSourceError("timeout applies to the HTTP client StripeSource builds from api_key; with "
+                                    "client=..., set it on your client's http_client instead "
+                                    "(stripe.RequestsClient(timeout=(5, 30))).", code="ambiguous_timeout")
         self._client = client
         account = account or client._requestor.stripe_account  # noqa: SLF001
         self._account = account
@@ -119,15 +139,19 @@ class StripeSource:
         plan = self._plan(parent, since=None, children=[table] if target.parent else [])
         job = Job(fetcher=self._fetcher(), plans=[plan], workers=1, floor=self._account_floor, progress=None)
         collected = job.collected[table]
-        after = None
+        after: str | None = None
+        seen: set[str] = set()
         while True:
             limit = 100 if target.parent else min(100, rows - len(collected.rows))
-            payload = job.fetcher.get(parent.name, plan.path, plan.params(limit=limit, after=after))
-            job.absorb_page(plan, payload["data"])
-            if len(collected.rows) >= rows or not payload["has_more"] or not payload["data"]:
+            params = plan.params(limit=limit, after=after)
+            data, has_more = job.fetcher.list(parent.name, plan.path, params)
+            job.absorb_page(plan, data, params)
+            if len(collected.rows) >= rows:
                 break
-            after = payload["data"][-1]["id"]
-        return job.frame(table, limit=rows)
+            after = next_cursor(parent.name, plan.path, params, data, has_more, seen)
+            if after is None:
+                break
+        return _frame(job, table, limit=rows)
 
     def table(self, table: str, *, since: datetime | None = None, progress: Progress | None = None) -> pd.DataFrame:
         """The whole table, or every object created since `since`; never silently short."""
@@ -158,7 +182,7 @@ class StripeSource:
             job.run()
         finally:
             self.last_stats = job.fetcher.stats
-        return {name: job.frame(name) for name in wanted}
+        return {name: _frame(job, name) for name in wanted}
 
     def account_id(self) -> str:
         """The Stripe account this source reads: the `Stripe-Account` given, else the key's own account.
@@ -170,13 +194,14 @@ class StripeSource:
         with self._floor_lock:
             if self._account_id is None:
                 try:
-                    account = self._fetcher().get("account", "/v1/account", {})
-                    self._account_id = str(account["id"])
+                    account = self._fetcher().object("account", "/v1/account", {})
+                    self._account_id = account["id"]
                 except PermissionDenied:
                     self._account_id = "key_" + self._fingerprint
             return self._account_id
 
-    def fetch(self, requests: Mapping[str, "TableRequest"], *, progress: Progress | None = None) -> "Fetched":
+    def fetch(self, requests: Mapping[str, "TableRequest"], *, progress: Progress | None = None,
+              table_progress: Callable[[str, int], None] | None = None) -> "Fetched":
         """What a warehouse sync needs in one go, under this account's rate budget.
 
         Per parent table: list it (whole, or objects created since a moment) and/or retrieve some
@@ -189,7 +214,8 @@ class StripeSource:
             plan.listed = request.listed
             plans.append(plan)
         fetcher = self._fetcher()
-        job = Job(fetcher=fetcher, plans=plans, workers=self._workers, floor=self._account_floor, progress=progress)
+        job = Job(fetcher=fetcher, plans=plans, workers=self._workers, floor=self._account_floor, progress=progress,
+                  table_progress=table_progress)
         fetcher.cancelled = lambda: job._error is not None  # noqa: SLF001
         deleted: dict[str, set[str]] = {name: set() for name in requests}
         try:
@@ -207,7 +233,8 @@ class StripeSource:
         finally:
             self.last_stats = fetcher.stats
         names = [name for plan in plans for name in (plan.name, *(child.name for child in plan.children))]
-        return Fetched(names=tuple(names), build=job.frame, deleted=deleted, stats=fetcher.stats)
+        return Fetched(names=tuple(names), build=lambda name: _frame(job, name), deleted=deleted,
+                       stats=fetcher.stats)
 
     def server_clock(self) -> tuple[int | None, bool]:
         """Stripe's clock (from the answer's `Date`) and whether this key may read events, in one request."""
@@ -221,7 +248,7 @@ class StripeSource:
     # --- internals ---------------------------------------------------------------------------
 
     def _fetcher(self) -> Fetcher:
-        return Fetcher(self._transport, self._budget, self._retry)
+        return Fetcher(self._transport, self._budget, self._retry, timeouts=self.timeouts)
 
     def _plan(self, table: TableSchema, *, since: int | None, children: list[str]) -> TablePlan:
         fixed: dict[str, Any] = dict(table.list_params)
@@ -243,8 +270,9 @@ class StripeSource:
         with self._floor_lock:
             if self._floor is None:
                 try:
-                    account = self._fetcher().get("account", "/v1/account", {})
-                    self._floor = int(account.get("created") or STRIPE_EPOCH)
+                    created = self._fetcher().object("account", "/v1/account", {}).get("created")
+                    valid = isinstance(created, int) and not isinstance(created, bool) and 0 < created < MAX_CREATED
+                    self._floor = created if valid else STRIPE_EPOCH
                 except PermissionDenied:
                     self._floor = STRIPE_EPOCH  # a restricted key without account access: split from 2011
             return self._floor
@@ -283,9 +311,18 @@ class Fetched:
 
 def _retrieve(fetcher: Fetcher, table: str, object_id: str, params: dict[str, Any]) -> dict | None:
     try:
-        return fetcher.get(table, f"/v1/{table}/{object_id}", params, endpoint=f"/v1/{table}/*")
+        return fetcher.object(table, f"/v1/{table}/{object_id}", params, endpoint=f"/v1/{table}/*")
     except NotFound:
         return None
+
+
+def _frame(job: Job, name: str, limit: int | None = None) -> pd.DataFrame:
+    """The table's frame; a value that fits no column is a wrong-shape answer like any other."""
+    try:
+        return job.frame(name, limit=limit)
+    except ShapeError as exc:
+        raise BadAnswer(f"The answer for {name} is not what Stripe sends: {exc}", table=name, cursor={},
+                        code="bad_answer") from exc
 
 
 def _timestamp(moment: datetime | None) -> int | None:

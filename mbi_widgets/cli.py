@@ -7,7 +7,7 @@ import math
 import signal
 import sys
 import threading
-from typing import Sequence
+from typing import Callable, Sequence
 
 from mbi_widgets.errors import MbiError
 
@@ -37,13 +37,17 @@ def _horizon(value: str) -> int:
     return int(value)
 
 
-def _wait_for_interrupt() -> None:
+def _serve_until_interrupted(announce: Callable[[], None]) -> None:
+    """Announces (prints the URLs) and waits for Ctrl-C or SIGTERM. The handlers go in before the
+    announcement: a script that reads the first line and signals at once must still get a clean stop."""
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        announce()
         stop.wait()
-    except KeyboardInterrupt:
-        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _start_sandbox(args: argparse.Namespace):
@@ -64,8 +68,8 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     sandbox = _start_sandbox(args)
     try:
         # Exactly one JSON line on stdout, so scripts can read it; then serve until interrupted.
-        print(json.dumps({**sandbox.connection_info(), "now": sandbox.now}), flush=True)
-        _wait_for_interrupt()
+        _serve_until_interrupted(lambda: print(json.dumps({**sandbox.connection_info(), "now": sandbox.now}),
+                                               flush=True))
     finally:
         sandbox.stop()
     return 0
@@ -132,7 +136,7 @@ def _demo_sandbox_only(args: argparse.Namespace) -> int:
     sandbox = _start_sandbox(args)
     account = sandbox.accounts[0]
     try:
-        print(f"""mbi-widgets demo: the Stripe sandbox is serving at {sandbox.api_url}
+        _serve_until_interrupted(lambda: print(f"""mbi-widgets demo: the Stripe sandbox is serving at {sandbox.api_url}
 
 Try it (the restricted key reads {account.business_name}'s data):
   curl -s '{sandbox.api_url}/v1/charges?limit=3' -u "$MBI_SANDBOX_KEY:"
@@ -144,8 +148,7 @@ with MBI_SANDBOX_KEY set to the restricted key below, or from Python:
 Restricted key (sandbox only, valid while this process runs): {sandbox.restricted_key}
 Connect sign-in for {account.business_name}: {account.email} / {account.password}
 Sandbox clock: {_iso(sandbox.now)}
-Press Ctrl-C to stop.""", flush=True)
-        _wait_for_interrupt()
+Press Ctrl-C to stop.""", flush=True))
     finally:
         sandbox.stop()
     return 0
@@ -175,10 +178,12 @@ def cmd_relay(args: argparse.Namespace) -> int:
     public_url = args.public_url or f"http://{args.host}:{args.port}"
     config = config_from_env(client_id=args.client_id, secret_key=secret, public_url=public_url,
                              connect_url=args.connect_url, api_url=args.api_url, db_path=args.db)
-    if urlsplit(public_url).scheme == "http" and not is_loopback(public_url):
-        logging.getLogger("mbi_widgets.relay").warning(
-            "the relay's public URL %s is plain http on a non-loopback host: browsers will send OAuth codes "
-            "in the clear. Put it behind https.", public_url)
+    if urlsplit(public_url).scheme != "https" and not is_loopback(public_url):
+        # Browsers would send OAuth codes in the clear, and drop the relay's Secure sign-in cookie anyway.
+        print(f"mbi-widgets relay: the public URL {public_url} is not https: serve the relay behind https (a "
+              "reverse proxy terminating TLS, named with --forwarded-allow-ips) and pass --public-url https://...; "
+              "plain http works on loopback only", file=sys.stderr)
+        return 2
     app = create_app(config)  # opens the database and its token key: a bad key fails here, before "serving"
     if args.db is None and os.path.exists("mbi-relay.sqlite3"):
         logging.getLogger("mbi_widgets.relay").warning(

@@ -66,7 +66,7 @@ class BackgroundServer:
         app = self._app if self._app is not None else self._make_app(url)  # type: ignore[misc]
         config = uvicorn.Config(app, log_level="warning", access_log=self.access_log, lifespan="off",
                                 http="httptools", loop="asyncio", timeout_graceful_shutdown=2, server_header=False,
-                                date_header=self.date_header)
+                                date_header=self.date_header, proxy_headers=False)  # client = the peer, always
         install_log_redaction()  # after uvicorn's logging setup, which may have created its loggers
         if self.access_log:
             logging.getLogger("uvicorn.access").setLevel(logging.INFO)

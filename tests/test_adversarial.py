@@ -1,8 +1,12 @@
 """Attacks and malformed input from the hardening review (issue 9), each over real HTTP on loopback.
 
-Covered so far: superscript digits in the sandbox's integer parameters, keys that are not text or
-carry line breaks, and a delete from a registry that cannot be written. The rest of the review's
-items are still open.
+This file: superscript digits in the sandbox's integer parameters, keys that are not text or carry
+line breaks, a delete from a registry another process has locked, forwarded headers on the embedded
+servers, and a relay whose public URL is not https. The rest lives beside it:
+`test_adversarial_relay_store.py` (tokens at rest, throttles, cancel, spare grants),
+`test_adversarial_relay_browser.py` (browser binding, CSRF, logs, plain http, deauthorize errors),
+`test_adversarial_extraction.py` (silent servers, stuck cursors, wrong-shape answers) and
+`test_adversarial_storage.py` (failing keyrings, loose folders, client disconnects).
 """
 from __future__ import annotations
 
@@ -85,3 +89,37 @@ def test_deleting_from_a_registry_another_process_has_locked_loses_nothing(tmp_p
     assert store.get(connection.secret_ref) == sandbox.restricted_key
     registry.delete(connection.id)  # once the other process lets go, the delete goes through whole
     assert registry.list() == [] and store.get(connection.secret_ref) is None
+
+
+def test_embedded_servers_count_the_connecting_address_not_a_forwarded_header():
+    """uvicorn trusts X-Forwarded-For from loopback by default: the sandbox and test relays must not,
+    or a client could pick the address a throttle counts."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from mbi_widgets.serving import BackgroundServer
+
+    async def who(request):
+        return PlainTextResponse(f"{request.client.host} {request.url.scheme}")
+
+    server = BackgroundServer(Starlette(routes=[Route("/", who)])).start()
+    try:
+        answer = requests.get(server.url, timeout=10,
+                              headers={"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https"})
+    finally:
+        server.stop()
+    assert answer.text == "127.0.0.1 http"
+
+
+@pytest.mark.parametrize("public_url", ["http://relay.example.com", "ftp://relay.example.com"])
+def test_the_relay_refuses_a_public_url_that_is_not_https_off_loopback(public_url, tmp_path, monkeypatch, capsys):
+    from mbi_widgets.cli import main
+
+    monkeypatch.setenv("MBI_RELAY_SECRET_KEY", "sk_test_" + "x" * 24)
+    code = main(["relay", "--client-id", "ca_test", "--public-url", public_url, "--db",
+                 str(tmp_path / "relay" / "sessions.sqlite3"), "--port", "0"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "https" in error and public_url in error
+    assert not (tmp_path / "relay").exists()  # refused before anything was created

@@ -193,6 +193,16 @@ def test_the_same_seed_gives_the_same_accounts_and_data_but_fresh_keys():
     assert first["accounts"][0]["password"] != second["accounts"][0]["password"]
 
 
+def test_a_signal_right_after_the_first_line_still_stops_cleanly():
+    """Scripts read the JSON line and may signal at once: the handlers are in place before it is printed
+    (a Ctrl-C landing between the print and the wait used to kill the process with SIGINT)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGINT):
+        with launched(MODULE, "sandbox", "--scale", "20") as proc:
+            first_line(proc)
+            _, err = stop(proc, sig)
+            assert proc.returncode == 0, err
+
+
 def test_sandbox_listens_on_the_requested_port():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -37,6 +37,10 @@ STATUSES = (SUCCESS, PENDING, NEEDS_REAUTH, ERROR)
 AUTH_METHODS = ("oauth", "restricted_key", "secret_key")
 STRIPE = "Stripe"
 
+#: What a connection authorized with Connect with Stripe says when Stripe no longer accepts its token.
+OAUTH_REVOKED = ("Stripe no longer accepts this connection's access: it was revoked (the account disconnected the "
+                 "app in its Stripe Dashboard, or the connection was deleted elsewhere). To read its data again, "
+                 "re-authenticate the connection with Connect with Stripe.")
 #: How long a write waits for another process's transaction before giving up.
 BUSY_TIMEOUT_MS = 30_000
 _SCHEMA_VERSION = 1
@@ -229,20 +233,23 @@ class Registry:
         return self.get(id)
 
     def replace_secret(self, id: str, secret: str, *, auth_method: str | None = None,
-                       refresh_token: str | None = None) -> Connection:
+                       refresh_token: str | None = None, relay_url: str | None = None) -> Connection:
         """Re-authenticates: the new secret replaces the old one and the status is Pending until tested.
 
-        A refresh token not given is removed (it belonged to the old grant). If the row cannot be
-        updated, the old secrets are put back.
+        A refresh token not given is removed (it belonged to the old grant). An OAuth grant records the
+        relay it came through (`relay_url`, else the one recorded); a key keeps none. If the row cannot
+        be updated, the old secrets are put back.
         """
         _check_secret(secret)
         if auth_method is not None:
             _check_auth_method(auth_method)
         connection = self.get(id)
+        method = auth_method or connection.auth_method
+        relay = (relay_url or connection.relay_url) if method == "oauth" else None
         previous = (self.store.get(connection.secret_ref), self.store.get(connection.refresh_ref))
         self._store_secrets(connection, secret, refresh_token)
         try:
-            self._update(id, auth_method=auth_method or connection.auth_method, status=PENDING,
+            self._update(id, auth_method=method, relay_url=relay, status=PENDING,
                          status_message="Re-authenticated; not tested yet.")
         except BaseException:
             self._restore_secrets(connection, *previous)
@@ -299,19 +306,23 @@ class Registry:
         return self._record(id, status, message, started=started, duration=duration)
 
     def sync(self, id: str, warehouse: "Warehouse", tables: Iterable[str] | None = None, *, full: bool = False,
-             progress: Callable[[int, int | None], None] | None = None) -> "SyncReport":
-        """Brings this connection's tables up to date in `warehouse`.
+             progress: Callable[[int, int | None], None] | None = None, source: "StripeSource | None" = None,
+             **hooks: Any) -> "SyncReport":
+        """Brings this connection's tables up to date in `warehouse` (through `source` when given, else a
+        new one); `hooks` go to `Warehouse.sync` (`table_progress`, `on_table`).
 
         When Stripe rejects the credential (revoked, deauthorized), the connection turns to Needs
         re-authentication and the error is raised; the warehouse keeps its last good state.
         """
         from mbi_widgets.tables.fetch import AuthenticationFailed
 
-        source = self.source(id)
+        connection = self.get(id)
+        source = source if source is not None else self.source(id)
         try:
-            return warehouse.sync(source, tables, full=full, progress=progress)
+            return warehouse.sync(source, tables, full=full, progress=progress, **hooks)
         except AuthenticationFailed as exc:
-            self._record(id, NEEDS_REAUTH, f"{exc} The warehouse keeps the tables of the last good sync.")
+            reason = OAUTH_REVOKED if connection.auth_method == "oauth" else str(exc)
+            self._record(id, NEEDS_REAUTH, f"{reason} The warehouse keeps the tables of the last good sync.")
             raise
 
     # --- internals -------------------------------------------------------------------------------
@@ -403,6 +414,8 @@ def _probe(connection: Connection, secret: str, http_client: stripe.HTTPClient |
     try:
         account = client.v1.accounts.retrieve_current()
     except stripe.AuthenticationError as exc:
+        if connection.auth_method == "oauth":  # Stripe's words ("Invalid API Key provided") are about keys
+            return NEEDS_REAUTH, OAUTH_REVOKED
         return NEEDS_REAUTH, (f"Stripe rejected the credential ({_stripe_message(exc, secret)}). The access was "
                               "revoked or the key is wrong: re-authenticate the connection.")
     except stripe.PermissionError as exc:
@@ -490,5 +503,5 @@ def _connection(row: sqlite3.Row) -> Connection:
 
 
 __all__ = ["Registry", "Connection", "RegistryError", "UnknownConnectionError", "MissingSecretError",
-           "SUCCESS", "PENDING", "NEEDS_REAUTH", "ERROR", "STATUSES", "AUTH_METHODS", "REGISTRY_ENV",
+           "SUCCESS", "PENDING", "NEEDS_REAUTH", "ERROR", "STATUSES", "AUTH_METHODS", "REGISTRY_ENV", "OAUTH_REVOKED",
            "default_registry_path"]

@@ -273,6 +273,16 @@ class Warehouse:
             except duckdb.Error as exc:
                 raise WarehouseError(f"the query failed: {exc}", code="sql_error") from exc
 
+    def last_synced(self) -> dict[str, dict[str, datetime]]:
+        """When each table was last synced, per account: {account: {table: moment}} (one small query)."""
+        with self._connect() as con:
+            rows = con.execute(f"SELECT account, table_name, last_started FROM {_META}.state "
+                               "WHERE last_started IS NOT NULL").fetchall()
+        synced: dict[str, dict[str, datetime]] = {}
+        for account, table, started in rows:
+            synced.setdefault(account, {})[table] = pd.Timestamp(started).tz_convert("UTC").to_pydatetime()
+        return synced
+
     def status(self, account: str | None = None) -> pd.DataFrame:
         """Per table: rows, deleted rows, columns synced, last sync, duration, mode, newest `created`
         ("last data point"), the events cursor and its age."""
@@ -347,6 +357,12 @@ class Warehouse:
                 raise
         return chosen
 
+    def selections(self, account: str | None = None) -> dict[str, tuple[bool, list[str]]]:
+        """(synced?, columns) of every table, in one read (the Data Warehouse Manager draws them all)."""
+        account = self._account(account, allow_new=True)
+        with self._connect() as con:
+            return {table: self._selection(con, account, table) for table in ALL_TABLES}
+
     def selection(self, table: str, *, account: str | None = None) -> tuple[bool, list[str]]:
         """(synced?, columns) for a table."""
         schema(table)
@@ -357,11 +373,15 @@ class Warehouse:
     # --- syncing ------------------------------------------------------------------------------------
 
     def sync(self, source: StripeSource, tables: Iterable[str] | None = None, *, full: bool = False,
-             progress: Callable[[int, int | None], None] | None = None) -> SyncReport:
+             progress: Callable[[int, int | None], None] | None = None,
+             table_progress: Callable[[str, int], None] | None = None,
+             on_table: Callable[[TableSync], None] | None = None) -> SyncReport:
         """Brings `source`'s account up to date: every selected table, or `tables`.
 
         A child table is synced with its parent. On any error (network, revoked token, Ctrl-C)
         each table keeps its last committed state; tables committed before the error stay new.
+        `table_progress(table, rows)` reports rows fetched per table, `on_table` each table once
+        committed (its requests are counted at the end, in the report).
         """
         started = time.perf_counter()
         wall = datetime.now(UTC)
@@ -382,7 +402,8 @@ class Warehouse:
                               events_asked=tables is not None and "events" in tables)
             names = [name for name in names if name not in plan.skipped]
             report.skipped = dict(plan.skipped)
-            fetched = source.fetch(plan.requests, progress=progress) if plan.requests else None
+            fetched = (source.fetch(plan.requests, progress=progress, table_progress=table_progress)
+                       if plan.requests else None)
             report.server_time = datetime.fromtimestamp(plan.clock, UTC)
             # Frames are built on a second thread while the tables before them are written (DuckDB
             # writes without holding the GIL), so the two overlap on a multi-core machine.
@@ -394,6 +415,8 @@ class Warehouse:
                 try:
                     for name in names:
                         report.tables[name] = self._commit(account, name, plan, fetched, selections[name][1], wall)
+                        if on_table is not None:
+                            on_table(report.tables[name])
                 except BaseException:
                     builder.shutdown(wait=False, cancel_futures=True)
                     raise
@@ -430,6 +453,11 @@ class Warehouse:
         return self.sync(source, names, full=True)
 
     # --- planning -------------------------------------------------------------------------------------
+
+    def tables_to_sync(self, account: str, tables: Iterable[str] | None = None) -> list[str]:
+        """The tables `sync(source, tables)` would write for `account`: the selected ones (or `tables`),
+        with their parents and synced children, in MBI's order."""
+        return self._resolve_tables(account, tables)
 
     def _resolve_tables(self, account: str, tables: Iterable[str] | None) -> list[str]:
         with self._connect() as con:

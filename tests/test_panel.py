@@ -34,6 +34,8 @@ MBI_TITLES = ["Customers", "Charges", "Coupons", "Invoices", "Plans", "Subscript
 MBI_TABLES = ["customers", "charges", "coupons", "invoices", "plans", "subscriptions", "events",
               "invoices__lines", "subscriptions__items", "charges__refunds"]
 NORTHWIND = "Northwind Analytics"
+ALL_RESOURCES = {"account", "customers", "charges", "coupons", "invoices", "plans", "prices", "products",
+                 "subscriptions", "refunds", "events"}
 
 
 # --- fixtures and helpers ---------------------------------------------------------------------
@@ -187,19 +189,23 @@ def test_table_header_columns_and_one_row_per_connection(panel, sandbox):
     grids = [w for w in descendants(panel.body) if isinstance(w, widgets.GridBox)]
     assert len(grids) == 1
     grid = grids[0]
-    head = [text_of(cell) for cell in grid.children[:6]]
-    assert head == ["Name", "Connection", "Status", "Last Connection Started", "Last Connection Duration", "Action"]
+    head = [text_of(cell) for cell in grid.children[:7]]
+    # Changed on purpose (issue 10): Last Updated (the data's last sync) and the Manage Data action.
+    assert head == ["Name", "Connection", "Status", "Last Connection Started", "Last Connection Duration",
+                    "Last Updated", "Action"]
     assert list(COLUMNS) == head
     assert len(grid.children) == 2 * len(COLUMNS)
     (connection,) = panel.registry.list()
     row = panel.rows[connection.id]
-    assert list(grid.children[6:]) == row
+    assert list(grid.children[7:]) == row
     assert NORTHWIND in text_of(row[0]) and connection.account_id in text_of(row[0])
-    assert text_of(row[1]) == "Stripe"
+    assert text_of(row[1]) == "Stripe API key"  # the Connection column tells a key from OAuth
     assert text_of(row[2]) == "Success"
     assert text_of(row[3]) == "just now"
     assert re.fullmatch(r"less than a second|a second|\d+ seconds", text_of(row[4]))
-    assert [b.description for b in row[5].children] == ["Preview", "Re-authenticate", "Delete"]
+    assert text_of(row[5]) == "never"  # nothing synced yet
+    assert [b.description for b in row[6].children] == ["Preview", "Manage Data", "Re-authenticate", "Delete"]
+    assert not (panel.registry.path.parent / "warehouse.duckdb").exists()  # showing the table creates no file
 
 
 def test_gallery_lists_source_types_with_their_logos(panel):
@@ -503,16 +509,35 @@ def test_restricted_key_reading_nothing_shows_an_error(panel, sandbox):
     assert panel.preview is None
 
 
-def test_duplicate_account_names_are_numbered(panel, sandbox):
-    for _ in range(3):
-        open_stripe_authorization(panel)
-        save_key(panel, sandbox.restricted_key)
-    names = [c.name for c in panel.registry.list()]
-    assert names == [NORTHWIND, f"{NORTHWIND} (2)", f"{NORTHWIND} (3)"]
-    assert len(panel.rows) == 3
-    shown = [text_of(row[0]) for row in panel.rows.values()]
-    assert shown[1].startswith(f"{NORTHWIND} (2)")
-    assert code_line(panel.preview.tabs["customers"]) == f"panel.source('{NORTHWIND} (3)').table('customers')"
+def test_an_account_already_connected_is_offered_for_reauthentication_not_added_again(panel, sandbox):
+    """Changed on purpose (issue 10): connecting the same account twice used to add "Northwind Analytics (2)"."""
+    first = panel.connect_with_key(sandbox.create_restricted_key({"account", "customers"}))
+    panel.wait(60)
+    open_stripe_authorization(panel)
+    save_key(panel, sandbox.restricted_key)
+    assert [c.id for c in panel.registry.list()] == [first.id]  # nothing added
+    assert f"{NORTHWIND} is already connected" in shown_text(panel)
+    assert "Connection successful" not in text_of(panel.banner)
+    offer = button(panel.body, f"Re-authenticate {NORTHWIND}")
+    assert panel.key_input.value == ""  # the pending key is in Python memory only
+    offer.click()
+    panel.wait(60)
+    assert [c.id for c in panel.registry.list()] == [first.id]
+    assert panel.registry.secret(first.id) == sandbox.restricted_key
+    assert is_data_sources_view(panel) and row_status(panel, first.id) == "Success"
+    assert f"{NORTHWIND} was re-authenticated" in text_of(panel.banner)
+
+
+def test_cancelling_the_offer_keeps_the_connection_as_it_was(panel, sandbox):
+    first_key = sandbox.create_restricted_key({"account", "customers"})
+    first = panel.connect_with_key(first_key)
+    panel.wait(60)
+    open_stripe_authorization(panel)
+    save_key(panel, sandbox.restricted_key)
+    button(panel.body, "Cancel").click()
+    assert is_data_sources_view(panel)
+    assert panel.registry.secret(first.id) == first_key
+    assert [c.name for c in panel.registry.list()] == [NORTHWIND]
 
 
 # --- row actions ----------------------------------------------------------------------------------
@@ -634,8 +659,8 @@ def test_delete_asks_for_confirmation_and_cancel_keeps_the_row(panel, sandbox):
     assert sure.button_style == "danger"
     keep.click()
     assert [c.id for c in panel.registry.list()] == [connection.id]
-    assert [b.description for b in panel.rows[connection.id][-1].children] == ["Preview", "Re-authenticate",
-                                                                               "Delete"]
+    assert [b.description for b in panel.rows[connection.id][-1].children] == ["Preview", "Manage Data",
+                                                                               "Re-authenticate", "Delete"]
     assert row_status(panel, connection.id) == "Success"
 
 
@@ -805,10 +830,25 @@ def test_no_secret_reaches_widget_state_output_or_reprs(panel, sandbox, capsys):
     panel.wait(60)
     assert charges.progress.bar_style == "success"
     open_stripe_authorization(panel)
-    save_key(panel, sandbox.restricted_key)
+    save_key(panel, sandbox.restricted_key)  # the OAuth account again: offered, held in Python only
+    assert buttons(panel.body, f"Re-authenticate {NORTHWIND}")
+    open_stripe_authorization(panel)
+    save_key(panel, sandbox.create_restricted_key(ALL_RESOURCES, account=1))
     key_id = panel.registry.list()[1].id
     panel.preview.tabs["customers"].load_button.click()
     panel.wait(60)
+    # The new views too: the Data Warehouse Manager during and after a sync, its column picker, the
+    # update cycle, and a preview read from the warehouse.
+    view = panel.show_warehouse(oauth_id)
+    view.sync_button.click()
+    panel.wait(60)
+    assert "Synced" in text_of(view.summary)
+    view.open_picker("charges")
+    panel.auto_sync(3600)
+    panel.open_preview(oauth_id)
+    panel.wait(60)
+    assert "from the warehouse" in text_of(panel.preview.tabs["customers"].status)
+    print(panel)
 
     secrets = {
         "oauth access token": panel.registry.secret(oauth_id),
@@ -827,7 +867,8 @@ def test_no_secret_reaches_widget_state_output_or_reprs(panel, sandbox, capsys):
         "widget state": "\n".join(states),
         "stdout": outputs.out,
         "stderr": outputs.err,
-        "sources": repr(panel.source(NORTHWIND)) + repr(panel.source(f"{NORTHWIND} (2)")),
+        "sources": repr(panel.source(NORTHWIND)) + repr(panel.source("Brightwave Studio GmbH")),
+        "connections": repr(panel.connections) + repr(panel.connections.current) + repr(panel.cycle),
         "plain text": panel.plain_text(),
         "mimebundle": json.dumps(panel._repr_mimebundle_(), default=str),
         "registry": repr(panel.registry),

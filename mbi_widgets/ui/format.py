@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import html
+import math
 from datetime import datetime, timezone
 
 #: Badge colours per connection status, as on MBI's Data Sources table.
@@ -65,3 +66,34 @@ def badge(status: str, message: str | None = None) -> str:
     title = f' title="{html.escape(message)}"' if message else ""
     return (f'<span class="mbi-badge"{title} style="background:{background};color:{colour};padding:2px 10px;'
             f'border-radius:10px;font-weight:600;font-size:12px;white-space:nowrap">{html.escape(status)}</span>')
+
+
+def time_left(seconds: float) -> str:
+    """'45 s', '4 min', '1 h 05 min': how long until something (an update), rounded up."""
+    seconds = max(0, math.ceil(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes = math.ceil(seconds / 60)
+    if minutes <= 60:
+        return f"{minutes} min"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def period(seconds: float) -> str:
+    """'every 30 seconds', 'every minute', 'every 15 minutes', 'every hour', 'every 6 hours', 'every day'."""
+    for size, one, many in ((86_400, "day", "days"), (3_600, "hour", "hours"), (60, "minute", "minutes")):
+        if seconds >= size and seconds % size == 0:
+            count = int(seconds // size)
+            return f"every {one}" if count == 1 else f"every {count} {many}"
+    return "every second" if seconds == 1 else f"every {seconds:g} seconds"
+
+
+def timestamp(moment: datetime | None) -> str:
+    """'Nov 01, 2026 14:03 UTC' (data points carry Stripe's clock, which may run ahead of this one)."""
+    if moment is None:
+        return "—"
+    return moment.astimezone(timezone.utc).strftime("%b %d, %Y %H:%M UTC")
+
+
+def count(value: int | None) -> str:
+    return "—" if value is None else f"{int(value):,}"

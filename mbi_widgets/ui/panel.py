@@ -1,21 +1,21 @@
-"""`ConnectionsPanel`: MBI's Connections page as ipywidgets, over the registry, the relay and the tables.
+"""`ConnectionsPanel`: MBI's Connections page as ipywidgets, a small router over one view per screen.
 
-Views: Data Sources (the table of connections), Add a Data Source (a gallery of source types),
-Stripe authorization (Connect with Stripe, or a restricted key), the device-link waiting view,
-and a Preview of the connection's tables. All network work runs on background threads; secrets
-never enter a widget trait or the cell output.
+The decisions (check a key, add or re-authenticate, spot an account already connected, test,
+sync) belong to `mbi_widgets.connections.Connections`; the views draw its answers and forward
+clicks: Data Sources (`ui.sources`), Add a Data Source and Stripe authorization
+(`ui.authorization`), the device link (`ui.waiting`), the Data Warehouse Manager
+(`ui.warehouse`) and the Preview (`ui.preview`). Network work runs on background threads;
+secrets never enter a widget trait or the cell output.
 """
 from __future__ import annotations
 
-import base64
 import html
 import logging
 import os
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
-from importlib import resources
+from datetime import datetime, timedelta
 from typing import Any, Callable
 
 import ipywidgets as widgets
@@ -23,62 +23,45 @@ import ipywidgets as widgets
 from mbi_widgets.auth import (
     AuthError,
     Connected,
-    DeviceFlow,
     Denied,
+    DeviceFlow,
     Expired,
     Failed,
     FlowState,
     Idle,
-    RelayClient,
     StripeToken,
     Waiting,
-    account_of,
-    validate_key,
+)
+from mbi_widgets.connections import (
+    ALREADY_CONNECTED,
+    REPLACED,
+    ConnectOutcome,
+    Connections,
+    SyncInProgress,
+    SyncRun,
+    UpdateCycle,
+    auth_label,
 )
 from mbi_widgets.errors import MbiError
-from mbi_widgets.registry import NEEDS_REAUTH, SUCCESS, Connection, Registry
+from mbi_widgets.registry import Connection, Registry
 from mbi_widgets.secretstore import MemoryStore
 from mbi_widgets.tables.source import StripeSource
-from mbi_widgets.ui.format import badge, countdown, duration, relative_time
+from mbi_widgets.ui.authorization import SOURCE_TYPES, AlreadyConnectedView, AuthorizationView, GalleryView, SourceType
+from mbi_widgets.ui.format import relative_time
+from mbi_widgets.ui.frame import Banner, CycleLine, title
 from mbi_widgets.ui.preview import PreviewView
+from mbi_widgets.ui.sources import COLUMNS, DataSourcesView
+from mbi_widgets.ui.waiting import RetryView, WaitingView
+from mbi_widgets.ui.warehouse import WarehouseView
 
 log = logging.getLogger("mbi_widgets.ui")
 
-COLUMNS = ("Name", "Connection", "Status", "Last Connection Started", "Last Connection Duration", "Action")
-_GRID = "minmax(150px, 2fr) 90px 180px 140px 150px minmax(300px, auto)"
-_STYLE = """<style>
-.mbi-panel { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, sans-serif; }
-.mbi-panel .mbi-head { font-weight: 600; color: #4b5563; border-bottom: 1px solid #d1d5db; padding: 4px 0; }
-.mbi-panel .mbi-cell { padding: 6px 0; border-bottom: 1px solid #eef0f3; }
-.mbi-panel .mbi-code { font: 600 40px/1.2 ui-monospace, Menlo, Consolas, monospace; letter-spacing: 6px; }
-.mbi-panel table.mbi-frame { font-size: 12px; border-collapse: collapse; }
-.mbi-panel table.mbi-frame td, .mbi-panel table.mbi-frame th { padding: 2px 8px; border-bottom: 1px solid #eef0f3; }
-.mbi-panel table.mbi-dtypes td, .mbi-panel table.mbi-dtypes th { padding: 1px 10px 1px 0; font-size: 12px; }
-</style>"""
+__all__ = ["ConnectionsPanel", "COLUMNS", "SOURCE_TYPES", "SourceType"]
 
 
-@dataclass(frozen=True)
-class SourceType:
-    """A kind of data source offered in the gallery."""
-
-    name: str
-    logo: str  # an SVG file shipped in mbi_widgets/assets
-    description: str
-
-    def logo_data_uri(self) -> str:
-        data = resources.files("mbi_widgets.assets").joinpath(self.logo).read_bytes()
-        return "data:image/svg+xml;base64," + base64.b64encode(data).decode()
-
-
-SOURCE_TYPES = (SourceType("Stripe", "stripe.svg", "Payments, subscriptions and invoices"),)
-
-
-def _banner(text: str, kind: str) -> str:
-    colours = {"success": ("#e6f4ea", "#1e7e34"), "error": ("#fdecea", "#b42318"), "info": ("#eef4ff", "#1d4ed8"),
-               "warning": ("#fff4e5", "#a15c00")}
-    background, colour = colours[kind]
-    return (f'<div role="status" style="background:{background};color:{colour};padding:10px 14px;border-radius:4px;'
-            f'font-weight:600">{html.escape(text)}</div>')
+def _view_widget(view: str, name: str) -> property:
+    """A widget of a view, under the name the panel always gave it (`panel.connect_button`)."""
+    return property(lambda self: getattr(getattr(self, view), name), doc=f"The {name} of the current {view[1:]} view.")
 
 
 class ConnectionsPanel:
@@ -87,27 +70,47 @@ class ConnectionsPanel:
         panel = ConnectionsPanel.demo()     # a sandbox Stripe, wired up
         panel                               # shows the panel
         panel.source("Northwind Analytics").table("charges")
+        panel.sync("Northwind Analytics")   # into panel.warehouse; panel.show_warehouse(...) to manage it
     """
 
-    def __init__(self, registry: Registry | None = None, relay_url: str | None = None, sandbox: Any = None) -> None:
+    #: Seconds between re-wordings of relative times ('just now' becoming 'a minute ago').
+    CLOCK_SECONDS = 30.0
+    #: Seconds between ticks of the "Next update in ..." countdown.
+    TICK_SECONDS = 1.0
+
+    def __init__(self, registry: Registry | None = None, relay_url: str | None = None, sandbox: Any = None,
+                 warehouse: Any = None) -> None:
+        """`warehouse` is a `Warehouse` or a path; by default the one beside the registry (`Warehouse()`'s
+        file for the default registry), opened only when first needed."""
         self.sandbox = sandbox
         self.registry = registry if registry is not None else Registry()
         self.relay_url = relay_url or os.environ.get("MBI_RELAY_URL") or (sandbox.relay_url if sandbox else None)
         self.api_base = sandbox.api_url if sandbox is not None else None
+        self.connections = Connections(self.registry, api_base=self.api_base, relay_url=self.relay_url,
+                                       warehouse=warehouse)
+        self.connections.on_run(self._run_started)
         self.flow: DeviceFlow | None = None
         self.preview: PreviewView | None = None
+        self.cycle: UpdateCycle | None = None
+        self.view: Any = None
+        self._sources_view: DataSourcesView | None = None
+        self._gallery: GalleryView | None = None
+        self._authorization: AuthorizationView | None = None
+        self._waiting: WaitingView | None = None
         self._reauth_id: str | None = None
-        self._sources: dict[str, StripeSource] = {}
         self._owned: list[Callable[[], None]] = []
         self._clock_stop = threading.Event()
-        self._ticker: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._last_thread: threading.Thread | None = None
 
-        self.banner = widgets.HTML()
+        self._banner = Banner()
+        self.banner = self._banner.widget
+        self._cycle_line = CycleLine(self.connections, on_stop=lambda: self.auto_sync(None))
+        self.cycle_status, self.cycle_stop, self.cycle_bar = (self._cycle_line.status, self._cycle_line.stop_button,
+                                                              self._cycle_line.widget)
         self.body = widgets.VBox()
         self.preview_box = widgets.VBox()
-        title = widgets.HTML(_STYLE + "<h2 style='margin:4px 0 8px'>Connections</h2>")
-        self.widget = widgets.VBox([title, self.banner, self.body, self.preview_box],
+        self.widget = widgets.VBox([title(), self.banner, self.cycle_bar, self.body, self.preview_box],
                                    layout=widgets.Layout(padding="8px 12px", max_width="1280px"))
         self.widget.add_class("mbi-panel")
         self.show_data_sources()
@@ -115,25 +118,62 @@ class ConnectionsPanel:
 
     @classmethod
     def demo(cls, **sandbox_options: Any) -> "ConnectionsPanel":
-        """A panel on a fresh sandbox, with a throw-away registry: nothing touches your real connections."""
+        """A panel on a fresh sandbox, with a throw-away registry and warehouse: nothing touches your real
+        connections or data."""
         from mbi_widgets.sandbox import Sandbox
 
         sandbox = Sandbox(**sandbox_options).start()
         folder = tempfile.TemporaryDirectory(prefix="mbi-demo-")
-        panel = cls(Registry(f"{folder.name}/connections.sqlite3", store=MemoryStore()), sandbox=sandbox)
+        panel = cls(Registry(f"{folder.name}/connections.sqlite3", store=MemoryStore()), sandbox=sandbox,
+                    warehouse=f"{folder.name}/warehouse.duckdb")
         panel._owned += [sandbox.stop, folder.cleanup]
         return panel
 
-    def close(self) -> None:
-        """Stops background work and anything the panel started (the demo sandbox)."""
+    def close(self, timeout: float = 30) -> None:
+        """Stops background work (the update cycle, an authorization) and what the panel started (the demo
+        sandbox), after letting a sync under way finish."""
         self._clock_stop.set()
+        if self.cycle is not None:
+            self.cycle.stop()
         if self.flow is not None:
             self.flow.cancel()
+        if self._owned:  # the demo's sandbox and folder go next: let the work using them end first
+            self.wait(timeout)
+            if self.cycle is not None:
+                self.cycle.join(timeout)
         for stop in reversed(self._owned):
             stop()
         self._owned.clear()
 
-    # --- display -----------------------------------------------------------------------------
+    # --- what the views expose (kept for scripts and tests) ---------------------------------------
+
+    @property
+    def warehouse(self) -> Any:
+        """The `Warehouse` the panel syncs into (opened, and created, on first use)."""
+        return self.connections.warehouse
+
+    @property
+    def rows(self) -> dict[str, list[widgets.Widget]]:
+        return self._sources_view.rows if self._sources_view is not None else {}
+
+    @property
+    def gallery_tiles(self) -> list[widgets.VBox]:
+        return self._gallery.tiles if self._gallery is not None else []
+
+    @property
+    def _ticker(self) -> threading.Thread | None:
+        return self._waiting.ticker if self._waiting is not None else None
+
+    add_button = _view_widget("_sources_view", "add_button")
+    connect_button = _view_widget("_authorization", "connect_button")
+    key_form = _view_widget("_authorization", "key_form")
+    key_input = _view_widget("_authorization", "key_input")
+    key_button = _view_widget("_authorization", "key_button")
+    key_message = _view_widget("_authorization", "key_message")
+    code_label = _view_widget("_waiting", "code_label")
+    countdown = _view_widget("_waiting", "countdown")
+
+    # --- display -----------------------------------------------------------------------------------
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict:
         bundle = self.widget._repr_mimebundle_(**kwargs)
@@ -141,67 +181,60 @@ class ConnectionsPanel:
         data["text/plain"] = self.plain_text()
         return bundle
 
+    def __str__(self) -> str:
+        return self.plain_text()
+
     def plain_text(self) -> str:
-        """What front-ends without widgets show: the sources, and the link and code while waiting."""
+        """What front-ends without widgets show (and `print(panel)`): the connections, the link and code
+        while waiting, and the update cycle."""
         lines = ["Connections (widgets are not rendered here; use the methods, e.g. panel.connect_with_stripe())"]
-        for connection in self.registry.list():
-            lines.append(f"- {connection.name} · Stripe · {connection.status}")
+        updated = self._last_updated()
+        for connection in self.connections.list():
+            lines.append(f"- {connection.name} · Stripe · {connection.status} · {auth_label(connection)} · data "
+                         f"updated {relative_time(updated.get(connection.id))}")
         if self.flow is not None and isinstance(self.flow.state, Waiting):
             lines.append(f"Open {self.flow.state.link} and enter the code {self.flow.state.user_code}")
+        if self.cycle is not None and self.cycle.active:
+            lines.append(self._cycle_line.text(self.cycle) + " (panel.auto_sync(None) stops them)")
         return "\n".join(lines)
 
-    def _set_banner(self, text: str = "", kind: str = "info") -> None:
-        self.banner.value = _banner(text, kind) if text else ""
+    def _set_banner(self, text: str = "", kind: str = "info", *, about: str | None = None) -> None:
+        self._banner.show(text, kind, about=about)
 
-    # --- Data Sources --------------------------------------------------------------------------
+    def _guard_banner(self) -> None:
+        self._banner.check(self.connections)
+
+    def _show(self, view: Any) -> None:
+        self.view = view
+        self.body.children = view.children
+
+    def _showing_data_sources(self) -> bool:
+        return isinstance(self.view, DataSourcesView)
+
+    def _last_updated(self) -> dict[str, datetime | None]:
+        try:
+            return self.connections.last_updated()
+        except MbiError as exc:  # a warehouse another kernel holds: the table still shows
+            log.warning("could not read when the data was last updated: %s", exc)
+            return {}
+
+    # --- Data Sources ------------------------------------------------------------------------------
 
     def show_data_sources(self) -> None:
-        add = widgets.Button(description="Add a Data Source", button_style="primary", icon="plus",
-                             layout=widgets.Layout(width="170px"))
-        add.on_click(lambda _: self.show_gallery())
-        self.add_button = add
-        header = widgets.HBox([widgets.HTML("<h3 style='margin:0'>Data Sources</h3>"), add],
-                              layout=widgets.Layout(justify_content="space-between", align_items="center"))
-        self.body.children = [header, self._sources_table()]
-
-    def _sources_table(self) -> widgets.Widget:
-        connections = self.registry.list()
-        self.rows: dict[str, list[widgets.Widget]] = {}  # the rows shown now (none is stale after a delete)
-        if not connections:
-            return widgets.HTML("<p style='color:#4b5563'>No data sources yet. Click <b>Add a Data Source</b> to "
-                                "connect Stripe.</p>")
-        cells: list[widgets.Widget] = [widgets.HTML(f"<div class='mbi-head'>{c}</div>") for c in COLUMNS]
-        for connection in connections:
-            row = self._row(connection)
-            self.rows[connection.id] = row
-            cells += row
-        return widgets.GridBox(cells, layout=widgets.Layout(grid_template_columns=_GRID, grid_gap="0 12px",
-                                                            align_items="center"))
-
-    def _row(self, connection: Connection) -> list[widgets.Widget]:
-        def cell(content: str) -> widgets.HTML:
-            return widgets.HTML(f"<div class='mbi-cell'>{content}</div>")
-
-        name = html.escape(connection.name)
-        account = html.escape(connection.account_id)
-        actions = widgets.HBox(self._actions(connection))
-        return [cell(f"<b>{name}</b><br><small style='color:#6b7280'>{account}</small>"),
-                cell(html.escape(connection.connection_type)),
-                cell(badge(connection.status, connection.status_message)),
-                cell(relative_time(connection.last_started)),
-                cell(duration(connection.last_duration)),
-                actions]
+        self._sources_view = DataSourcesView(self)
+        self._show(self._sources_view)
+        self._guard_banner()
 
     def refresh_times(self) -> None:
-        """Re-words 'Last Connection Started' ('just now' becomes 'a minute ago') without redrawing rows."""
-        for connection in self.registry.list():
-            row = getattr(self, "rows", {}).get(connection.id)
-            if row is not None:
-                row[3].value = f"<div class='mbi-cell'>{relative_time(connection.last_started)}</div>"
+        """Re-words the relative times ('just now' becomes 'a minute ago') without redrawing rows."""
+        if self._sources_view is not None:
+            self._sources_view.refresh_times(self.connections.list(), self._last_updated())
+        if isinstance(self.view, WarehouseView):
+            self.view.show_title()
 
     def _start_clock(self) -> None:
         def tick() -> None:
-            while not self._clock_stop.wait(30):
+            while not self._clock_stop.wait(self.CLOCK_SECONDS):
                 try:
                     self.refresh_times()
                 except MbiError:  # the registry went away (a closed demo): stop quietly
@@ -209,77 +242,23 @@ class ConnectionsPanel:
 
         threading.Thread(target=tick, name="mbi-panel-clock", daemon=True).start()
 
-    def _actions(self, connection: Connection) -> list[widgets.Widget]:
-        preview = widgets.Button(description="Preview", icon="table", layout=widgets.Layout(width="96px"))
-        reauth = widgets.Button(description="Re-authenticate", layout=widgets.Layout(width="126px"),
-                                button_style="warning" if connection.status == NEEDS_REAUTH else "")
-        delete = widgets.Button(description="Delete", button_style="danger", layout=widgets.Layout(width="66px"))
-        preview.on_click(lambda _: self._preview_clicked(connection.id))
-        reauth.on_click(lambda _: self.reauthenticate(connection.id))
-        delete.on_click(lambda _: self._confirm_delete(connection))
-        return [preview, reauth, delete]
-
-    def _confirm_delete(self, connection: Connection) -> None:
-        sure = widgets.Button(description="Yes, delete", button_style="danger", layout=widgets.Layout(width="100px"))
-        keep = widgets.Button(description="Cancel", layout=widgets.Layout(width="70px"))
-        question = widgets.HTML(f"Delete <b>{html.escape(connection.name)}</b>?")
-        box = self.rows[connection.id][-1]
-        box.children = [question, sure, keep]
-        sure.on_click(lambda _: self._in_background(lambda: self.delete(connection.id)))
-        keep.on_click(lambda _: self.show_data_sources())
-
-    # --- gallery and Stripe authorization ------------------------------------------------------
+    # --- adding a data source ----------------------------------------------------------------------
 
     def show_gallery(self) -> None:
         self._set_banner()
-        tiles = []
-        for source_type in SOURCE_TYPES:
-            tile = widgets.Button(description=source_type.name, tooltip=source_type.description,
-                                  layout=widgets.Layout(width="120px", height="36px"))
-            tile.on_click(lambda _, kind=source_type: self.show_authorization(kind.name))
-            logo = widgets.HTML(f"<img src='{source_type.logo_data_uri()}' width='72' height='72' "
-                                f"alt='{html.escape(source_type.name)} logo'>")
-            tiles.append(widgets.VBox([logo, tile], layout=widgets.Layout(align_items="center", padding="8px",
-                                                                           border="1px solid #e5e7eb")))
-        self.gallery_tiles = tiles
-        back = widgets.Button(description="Back to Data Sources", icon="arrow-left")
-        back.on_click(lambda _: self.show_data_sources())
-        self.body.children = [widgets.HTML("<h3 style='margin:0 0 8px'>Add a Data Source</h3>"),
-                              widgets.HBox(tiles), back]
+        self._gallery = GalleryView(self)
+        self._show(self._gallery)
 
     def show_authorization(self, source_type: str = "Stripe", *, reauth_id: str | None = None) -> None:
         self._reauth_id = reauth_id
-        self.connect_button = widgets.Button(description="Connect with Stripe", button_style="primary",
-                                             disabled=self.relay_url is None)
-        self.connect_button.on_click(lambda _: self.connect_with_stripe())
-        no_relay = ("" if self.relay_url else "<p style='color:#b42318'>No relay is configured (set MBI_RELAY_URL), so "
-                    "Connect with Stripe is unavailable: use a restricted API key below.</p>")
-        self.key_input = widgets.Password(placeholder="rk_live_…", layout=widgets.Layout(width="360px"))
-        self.key_button = widgets.Button(description="Save key")
-        self.key_button.on_click(lambda _: self._save_key_clicked())
-        self.key_message = widgets.HTML()
-        key_form = widgets.VBox([
-            widgets.HTML("<p>Create a <b>restricted key</b> with Read access in Stripe (Developers › API keys › "
-                         "Create restricted key) and paste it here. It is checked with Stripe, then kept in your "
-                         "OS keyring, never in the notebook.</p>"),
-            widgets.HBox([self.key_input, self.key_button]), self.key_message])
-        self.key_form = widgets.Accordion(children=[key_form], titles=("Use a restricted API key instead",))
-        self.key_form.selected_index = None
-        back = widgets.Button(description="Back", icon="arrow-left")
-        back.on_click(lambda _: self._leave_authorization())
-        verb = "Re-authenticate" if reauth_id else "Stripe authorization"
-        self.body.children = [
-            widgets.HTML(f"<h3 style='margin:0 0 8px'>{verb}</h3><p>mbi-widgets will get <b>read-only access</b> "
-                         "to your Stripe account's data: customers, charges, coupons, invoices, plans, subscriptions "
-                         "and events. It cannot move money or change anything.</p>" + no_relay),
-            self.connect_button, self.key_form, back]
+        reauth = self.registry.get(reauth_id) if reauth_id is not None else None
+        self._authorization = AuthorizationView(self, reauth)
+        self._show(self._authorization)
 
     def _leave_authorization(self) -> None:
         """The user gave up (Back, Cancel): a later connect adds a connection, it re-authenticates none."""
         self._reauth_id = None
         self.show_data_sources()
-
-    # --- device-style link ----------------------------------------------------------------------
 
     def connect_with_stripe(self) -> FlowState:
         """Starts a device-style authorization; shows (and prints, for non-widget front-ends) link and code."""
@@ -302,135 +281,77 @@ class ConnectionsPanel:
             case Connected(token=token):
                 self._in_background(lambda: self._connected(token))
             case Denied(message=message) | Expired(message=message) | Failed(message=message):
-                self._show_retry(message)
+                self._set_banner(message, "error")
+                self._show(RetryView(self))
             case Idle():
                 self.show_data_sources()
 
     def _show_waiting(self, waiting: Waiting) -> None:
-        link = html.escape(waiting.link)
-        self.code_label = widgets.HTML(f"<div class='mbi-code'>{html.escape(waiting.user_code)}</div>")
-        self.countdown = widgets.HTML()
-        cancel = widgets.Button(description="Cancel", icon="times")
-        cancel.on_click(lambda _: (self.flow.cancel() if self.flow else None, self._leave_authorization()))
-        self.body.children = [
-            widgets.HTML("<h3 style='margin:0 0 8px'>Allow access in your browser</h3>"
-                         f"<p>1. Open <a href='{link}' target='_blank' rel='noopener' "
-                         f"style='color:#1d4ed8;text-decoration:underline;font-weight:600'>{link}</a> "
-                         "(it opens in a new tab).</p><p>2. Check that it shows this code, then sign in with "
-                         "Stripe:</p>"),
-            self.code_label, self.countdown,
-            widgets.HTML("<p style='color:#4b5563'>This panel notices the approval by itself; the notebook stays "
-                         "usable meanwhile.</p>"), cancel]
-        self._start_ticker(waiting)
+        flow = self.flow
+        reauth = self.registry.get(self._reauth_id).name if self._reauth_id else None
+        heading = f"Allow access in your browser to re-authenticate {reauth}" if reauth else \
+            "Allow access in your browser"
+        self._waiting = WaitingView(self, waiting, heading=heading,
+                                    still_waiting=lambda: self.flow is flow and flow.state == waiting)
+        self._show(self._waiting)
 
-    def _start_ticker(self, waiting: Waiting) -> None:
-        def tick() -> None:
-            while self.flow is not None and self.flow.state == waiting:
-                self.countdown.value = f"Code expires in {countdown(waiting.deadline - time.monotonic())}"
-                time.sleep(1)
-
-        self._ticker = threading.Thread(target=tick, name="mbi-countdown", daemon=True)
-        self._ticker.start()
-
-    def _show_retry(self, message: str) -> None:
-        self._set_banner(message, "error")
-        retry = widgets.Button(description="Try again", button_style="primary", icon="redo")
-        retry.on_click(lambda _: self.show_authorization(reauth_id=self._reauth_id))
-        back = widgets.Button(description="Back to Data Sources")
-        back.on_click(lambda _: (self._set_banner(), self._leave_authorization()))
-        self.body.children = [widgets.HBox([retry, back])]
+    def _cancel_flow(self) -> None:
+        if self.flow is not None:
+            self.flow.cancel()
+        self._leave_authorization()
 
     def _connected(self, token: StripeToken) -> None:
-        account_id, name = account_of(token.access_token, api_base=self.api_base)
-        if self._reauth_id is not None:
-            connection = self.registry.replace_secret(self._reauth_id, token.access_token, auth_method="oauth",
-                                                      refresh_token=token.refresh_token)
-        else:
-            connection = self.registry.add(name=self._unique_name(name), account_id=token.stripe_user_id or account_id,
-                                           account_name=name, livemode=token.livemode, scope=token.scope,
-                                           auth_method="oauth", secret=token.access_token,
-                                           refresh_token=token.refresh_token, api_base=self._api_base(),
-                                           relay_url=self.relay_url)
-        self._finish_connection(connection)
-
-    def _finish_connection(self, connection: Connection, warning: str | None = None) -> None:
-        self._reauth_id = None
-        tested = self.registry.test(connection.id)
-        self._sources.pop(connection.id, None)
-        if tested.status == SUCCESS and warning:
-            # The key form is about to be replaced by Data Sources: the warning goes where the user looks.
-            self._set_banner(f"Connection successful! {warning}", "warning")
-        elif tested.status == SUCCESS:
-            self._set_banner("Connection successful!", "success")
-        else:
-            self._set_banner(f"{tested.name}: {tested.status}. {tested.status_message}", "error")
-        self.show_data_sources()
-        if tested.status == SUCCESS:
-            self.open_preview(tested.id)
-
-    def _unique_name(self, name: str) -> str:
-        """The account's name, numbered when another connection already uses it (names select sources)."""
-        taken = {connection.name for connection in self.registry.list()}
-        candidate, number = name, 2
-        while candidate in taken:
-            candidate, number = f"{name} ({number})", number + 1
-        return candidate
-
-    def _api_base(self) -> str:
-        return self.api_base or "https://api.stripe.com"
-
-    # --- restricted key ----------------------------------------------------------------------------
-
-    def _save_key_clicked(self) -> None:
-        key = self.key_input.value
-        self.key_input.value = ""  # never leave a secret in widget state
-        self.key_button.disabled = True
-        self.key_message.value = "<i>Checking the key with Stripe…</i>"
-
-        def work() -> None:
-            try:
-                self.connect_with_key(key)
-            except AuthError as exc:
-                self.key_message.value = f"<span style='color:#b42318'>{html.escape(str(exc))}</span>"
-            finally:
-                self.key_button.disabled = False
-
-        self._in_background(work)
+        try:
+            outcome = self.connections.connect_with_token(token, reauth_id=self._reauth_id)
+        except AuthError as exc:  # Stripe unreachable, or the wrong account for a re-authentication
+            self._set_banner(str(exc), "error")
+            self._show(RetryView(self))
+            return
+        self._finish(outcome)
 
     def connect_with_key(self, key: str) -> Connection:
-        """Validates a restricted (or secret) key with Stripe, then saves the connection."""
-        check = validate_key(key, api_base=self.api_base)
-        if self._reauth_id is not None:
-            connection = self.registry.replace_secret(self._reauth_id, key.strip(), auth_method=check.auth_method)
+        """Checks a restricted (or secret) key with Stripe, then saves the connection (or, for an account
+        already connected, offers to re-authenticate it with the key)."""
+        outcome = self.connections.connect_with_key(key, reauth_id=self._reauth_id)
+        if outcome.warning and self._authorization is not None:
+            self._authorization.key_message.value = (f"<span style='color:#a15c00'>{html.escape(outcome.warning)}"
+                                                     "</span>")
+        self._finish(outcome)
+        return self.registry.get(outcome.connection.id)
+
+    def _finish(self, outcome: ConnectOutcome) -> None:
+        """Shows what a connect did: the offer to re-authenticate, or the table and the new preview."""
+        self._reauth_id = None
+        connection = outcome.connection
+        if outcome.kind == ALREADY_CONNECTED:
+            self._set_banner(f"{connection.name} is already connected.", "info")
+            self._show(AlreadyConnectedView(self, outcome))
+            return
+        done = "Connection successful!" + (f" {connection.name} was re-authenticated." if outcome.kind == REPLACED
+                                           else "")
+        if outcome.ok:
+            # The key form is about to be replaced by Data Sources: a warning goes where the user looks.
+            self._set_banner(f"{done} {outcome.warning}" if outcome.warning else done,
+                             "warning" if outcome.warning else "success", about=connection.id)
         else:
-            connection = self.registry.add(name=self._unique_name(check.account_name), account_id=check.account_id,
-                                           account_name=check.account_name, livemode=check.livemode,
-                                           scope="read_only" if check.auth_method == "restricted_key" else "full",
-                                           auth_method=check.auth_method, secret=key.strip(),
-                                           api_base=self._api_base())
-        if check.warning:
-            self.key_message.value = f"<span style='color:#a15c00'>{html.escape(check.warning)}</span>"
-        self._finish_connection(connection, warning=check.warning)
-        return self.registry.get(connection.id)
+            self._set_banner(f"{connection.name}: {connection.status}. {connection.status_message}", "error")
+        self.show_data_sources()
+        if outcome.ok:
+            self.open_preview(connection.id)
 
-    # --- row actions --------------------------------------------------------------------------------
+    # --- row actions -------------------------------------------------------------------------------
 
-    def reauthenticate(self, connection_id: str) -> None:
+    def reauthenticate(self, name_or_id: str) -> None:
+        """Shows the authorization view for a new credential of this connection."""
         self._set_banner()
-        self.show_authorization(reauth_id=connection_id)
+        self.show_authorization(reauth_id=self.connections.find(name_or_id).id)
 
-    def delete(self, connection_id: str) -> None:
+    def delete(self, name_or_id: str) -> None:
         """Deletes a connection (disconnecting it at Stripe first when it was authorized with OAuth)."""
-        def deauthorize(connection: Connection, token: str) -> None:
-            if connection.relay_url:
-                RelayClient(connection.relay_url).deauthorize(access_token=token, stripe_user_id=connection.account_id)
-
-        name = self.registry.get(connection_id).name
-        self.registry.delete(connection_id, deauthorize=deauthorize)
-        self._sources.pop(connection_id, None)
-        if self.preview is not None and self.preview.name == name:
+        connection = self.connections.delete(name_or_id)
+        if self.preview is not None and self.preview.name == connection.name:
             self.preview_box.children, self.preview = [], None
-        self._set_banner(f"{name} was deleted.", "info")
+        self._set_banner(f"{connection.name} was deleted.", "info")
         self.show_data_sources()
 
     def _preview_clicked(self, connection_id: str) -> None:
@@ -438,61 +359,131 @@ class ConnectionsPanel:
         self.open_preview(connection_id)
 
         def retest() -> None:
-            self.registry.test(connection_id)
+            self.connections.test(connection_id)
             if self._showing_data_sources():
                 self.show_data_sources()
+            self._guard_banner()
 
         self._in_background(retest)
 
-    def open_preview(self, connection_id: str) -> PreviewView:
-        connection = self.registry.get(connection_id)
-        self.preview = PreviewView(self.source(connection_id), name=connection.name, code_name=connection.name,
-                                   on_error=self._preview_error)
+    def open_preview(self, name_or_id: str) -> PreviewView:
+        connection = self.connections.find(name_or_id)
+        self.preview = PreviewView(self.source(connection.id), name=connection.name, code_name=connection.name,
+                                   on_error=self._preview_error,
+                                   stored=lambda table: self.connections.stored_table(connection.id, table),
+                                   explain=lambda error: self.connections.explain(connection.id, error))
         self.preview_box.children = [self.preview.widget]
         return self.preview
 
     def _preview_error(self, error: Exception) -> None:
         if getattr(error, "code", None) == "authentication_failed":
-            for connection in self.registry.list():
-                self.registry.test(connection.id)
+            for connection in self.connections.list():
+                self.connections.test(connection.id)
             if self._showing_data_sources():  # never pull the admin off the view they are using
                 self.show_data_sources()
+            self._guard_banner()
 
-    def _showing_data_sources(self) -> bool:
-        header = self.body.children[0] if self.body.children else None
-        return header is not None and self.add_button in getattr(header, "children", ())
+    # --- the warehouse -----------------------------------------------------------------------------
+
+    def show_warehouse(self, name_or_id: str) -> WarehouseView:
+        """The Data Warehouse Manager of a connection: tables, columns, Sync now, the last sync's summary."""
+        connection = self.connections.find(name_or_id)
+        self._set_banner()
+        view = WarehouseView(self, connection.id)
+        self._show(view)
+        current = self.connections.current
+        if current is not None and current.running and current.connection_id == connection.id:
+            view.follow(current)
+        return view
+
+    def sync(self, name_or_id: str, tables: list[str] | None = None, *, full: bool = False) -> Any:
+        """Syncs a connection's tables (the selected ones, or `tables`) into `panel.warehouse`, waiting for a
+        sync already running; returns the SyncReport. The views follow it as a click's sync."""
+        return self._sync(name_or_id, tables, full=full, wait=True)
+
+    def _sync(self, name_or_id: str, tables: list[str] | None = None, *, full: bool = False, wait: bool) -> Any:
+        return self.connections.sync(name_or_id, tables, full=full, wait=wait)
+
+    def _run_started(self, run: SyncRun) -> None:
+        view = self.view
+        if isinstance(view, WarehouseView) and view.connection_id == run.connection_id:
+            view.follow(run)
+        run.observe(self._run_changed)
+        self._show_cycle()
+
+    def _run_changed(self, run: SyncRun) -> None:
+        if run.running:
+            return
+        if run.error is not None:
+            self._set_banner(f"{run.name}: {run.error}", "error")
+        if self._showing_data_sources():
+            self.show_data_sources()
+        else:
+            self._guard_banner()
+        self._show_cycle()
+
+    def auto_sync(self, every: float | timedelta | None) -> UpdateCycle | None:
+        """Syncs every connection every `every` (a timedelta or seconds) while the kernel lives; off by default.
+
+        Shown as "Next update in ..." with a Stop button; `auto_sync(None)` (or the returned cycle's
+        `.stop()`, or `close()`) stops it. A round due while a sync runs is skipped, not queued.
+        """
+        if self.cycle is not None:
+            self.cycle.stop()
+        self.cycle = UpdateCycle(self.connections, every).start() if every is not None else None
+        if self.cycle is not None:
+            self._start_cycle_ticker(self.cycle)
+        self._show_cycle()
+        if isinstance(self.view, WarehouseView):
+            self.view.show_cycle(self.cycle)
+        return self.cycle
+
+    def _show_cycle(self) -> None:
+        self._cycle_line.show(self.cycle)
+
+    def _start_cycle_ticker(self, cycle: UpdateCycle) -> None:
+        def stopped() -> None:  # through its handle: say so everywhere
+            self.cycle = None
+            self._show_cycle()
+            if isinstance(self.view, WarehouseView):
+                self.view.show_cycle(None)
+
+        self._cycle_line.tick(cycle, every=self.TICK_SECONDS, closed=self._clock_stop, current=lambda: self.cycle,
+                              stopped=stopped)
 
     # --- Python access -------------------------------------------------------------------------------
 
     def source(self, name_or_id: str) -> StripeSource:
         """The StripeSource behind a connection, by name or id: every DataFrame shown comes from it."""
-        connection = self._find(name_or_id)
-        if connection.id not in self._sources:
-            self._sources[connection.id] = self.registry.source(connection.id)
-        return self._sources[connection.id]
-
-    def _find(self, name_or_id: str) -> Connection:
-        for connection in self.registry.list():
-            if name_or_id in (connection.id, connection.name):
-                return connection
-        names = ", ".join(repr(c.name) for c in self.registry.list()) or "none yet"
-        raise MbiError(f"no connection named {name_or_id!r}; connections: {names}", code="unknown_connection")
+        return self.connections.source(name_or_id)
 
     def wait(self, timeout: float = 60) -> "ConnectionsPanel":
         """Waits for the authorization under way and the work it triggers (scripts, notebooks, tests)."""
         deadline = time.monotonic() + timeout
         if self.flow is not None:
             self.flow.wait(timeout)
-        while self._last_thread is not None and self._last_thread.is_alive() and time.monotonic() < deadline:
-            self._last_thread.join(0.1)
+        while time.monotonic() < deadline:
+            alive = [thread for thread in self._threads if thread.is_alive()]
+            if not alive:
+                break
+            alive[0].join(0.1)
         if self.preview is not None:
             self.preview.wait(max(0.0, deadline - time.monotonic()))
         return self
+
+    def _safely(self, action: Callable[[], Any]) -> None:
+        """Runs a click's action; its error goes to the banner (a click handler's exception is seen by no one)."""
+        try:
+            action()
+        except MbiError as exc:
+            self._set_banner(str(exc), "error")
 
     def _in_background(self, work: Callable[[], None]) -> threading.Thread:
         def target() -> None:
             try:
                 work()
+            except SyncInProgress as exc:
+                self._set_banner(str(exc), "info")
             except MbiError as exc:
                 self._set_banner(str(exc), "error")
             except Exception as exc:  # noqa: BLE001 - shown to the user, and logged with its traceback
@@ -500,6 +491,7 @@ class ConnectionsPanel:
                 self._set_banner(f"Unexpected error: {exc}", "error")
 
         thread = threading.Thread(target=target, name="mbi-panel", daemon=True)
-        thread.start()
+        self._threads = [t for t in self._threads if t.is_alive()] + [thread]
         self._last_thread = thread
+        thread.start()
         return thread

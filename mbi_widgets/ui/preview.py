@@ -1,15 +1,24 @@
-"""The Preview view: one tab per expected table, the newest rows at once, the whole table on demand."""
+"""The Preview view: one tab per expected table, the newest rows at once, the whole table on demand.
+
+A table the warehouse has synced is read from there (instantly, the whole table, saying how old it
+is); the others are read from Stripe."""
 from __future__ import annotations
 
 import html
+import logging
 import threading
 from typing import Callable
 
 import ipywidgets as widgets
 import pandas as pd
 
+from mbi_widgets.connections import StoredTable
+from mbi_widgets.errors import MbiError
 from mbi_widgets.tables.schema import ALL_TABLES, schema
 from mbi_widgets.tables.source import StripeSource
+from mbi_widgets.ui.format import relative_time
+
+log = logging.getLogger("mbi_widgets.ui")
 
 PREVIEW_ROWS = 100
 SHOWN_ROWS = 10
@@ -60,10 +69,20 @@ class TableTab:
         if self.started:
             return
         self.started = True
-        self.preview.run(lambda: self.preview.source.preview(self.table, rows=PREVIEW_ROWS), self._show_preview,
-                         self._show_error)
+        self.preview.run(self._read_newest, self._show_preview, self._show_error)
 
-    def _show_preview(self, frame: pd.DataFrame) -> None:
+    def _read_newest(self) -> pd.DataFrame | StoredTable:
+        try:
+            stored = self.preview.stored(self.table)
+        except MbiError as exc:  # a warehouse busy or damaged: Stripe still answers
+            log.warning("reading %s from the warehouse failed (%s); reading Stripe instead", self.table, exc)
+            stored = None
+        return stored if stored is not None else self.preview.source.preview(self.table, rows=PREVIEW_ROWS)
+
+    def _show_preview(self, frame: pd.DataFrame | StoredTable) -> None:
+        if isinstance(frame, StoredTable):
+            self._show_stored(frame)
+            return
         self.frame = frame
         newest = "newest " if len(frame) >= PREVIEW_ROWS else ""
         self.status.value = (f"<b>{len(frame):,}</b> {newest}rows previewed, {frame.shape[1]} columns"
@@ -71,6 +90,19 @@ class TableTab:
         self.rows.value = frame_html(frame)
         self.columns.children[0].value = dtypes_html(frame)
         self.load_button.disabled = False
+
+    def _show_stored(self, stored: StoredTable) -> None:
+        frame = stored.frame
+        self.frame, self.full = frame, True
+        self.preview.frames[self.table] = frame
+        self.code.value = f"<code>{html.escape(stored.code)}</code>"
+        self.status.value = (f"<b>{len(frame):,}</b> rows (the whole table) from the warehouse, <b>synced "
+                             f"{relative_time(stored.synced_at)}</b>, {frame.shape[1]} columns"
+                             + (" (the first rows are shown)" if len(frame) > SHOWN_ROWS else "")
+                             + ". <span style='color:#4b5563'>Manage Data › Sync now brings it up to date.</span>")
+        self.rows.value = frame_html(frame)
+        self.columns.children[0].value = dtypes_html(frame)
+        self.load_button.layout.display = "none"  # the whole table is here already
 
     def load_full(self) -> None:
         self.load_button.disabled = True
@@ -98,7 +130,7 @@ class TableTab:
         self.load_button.disabled = False
 
     def _show_error(self, error: Exception) -> None:
-        self.status.value = f'<span style="color:#b42318">{html.escape(str(error))}</span>'
+        self.status.value = f'<span style="color:#b42318">{html.escape(self.preview.explain(error))}</span>'
         self.progress.bar_style = "danger"
         self.progress_label.value = ""
         self.load_button.disabled = False
@@ -110,8 +142,13 @@ class PreviewView:
     """Tabs over `ALL_TABLES` for one connection; tabs load when first opened."""
 
     def __init__(self, source: StripeSource, *, name: str, code_name: str,
-                 on_error: Callable[[Exception], None] = lambda exc: None) -> None:
+                 on_error: Callable[[Exception], None] = lambda exc: None,
+                 stored: Callable[[str], StoredTable | None] = lambda table: None,
+                 explain: Callable[[Exception], str] = str) -> None:
+        """`stored(table)` is the table as the warehouse synced it (None: read Stripe); `explain(error)` the
+        words for a failure (an OAuth connection's revoked token is not a mistyped key)."""
         self.source, self.name, self.code_name, self.on_error = source, name, code_name, on_error
+        self.stored, self.explain = stored, explain
         self.frames: dict[str, pd.DataFrame] = {}
         self.tabs = {table: TableTab(self, table) for table in ALL_TABLES}
         self.tab = widgets.Tab(children=[t.box for t in self.tabs.values()],

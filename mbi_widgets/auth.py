@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 import warnings
@@ -398,6 +399,8 @@ class KeyCheck:
 
 
 #: A key check is interactive (a click in the panel): (connect, read) seconds per attempt, two attempts at
+#: The account id of a restricted key that may read neither the account nor name it in its refusal.
+UNKNOWN_ACCOUNT = "unknown"
 #: most, instead of stripe-python's 80 s read timeout.
 KEY_CHECK_TIMEOUT = (5.0, 15.0)
 
@@ -423,12 +426,83 @@ def validate_key(api_key: str, *, api_base: str | None = None,
         warning = ("This is a full secret key: it can also move money. Prefer a restricted key with read-only "
                    "access (Developers > API keys > Create restricted key).")
         warnings.warn(warning, stacklevel=2)
+    elif name is None:  # a restricted key that may not read the account: name it after what it reads
+        access = table_access(key, api_base=api_base, timeout=timeout)
+        name = access.name(account_id)
+        warning = access.warning()
     return KeyCheck(account_id, name, "_live_" in key, method, warning)
 
 
+#: Where Stripe names the account in a restricted key's permission error ("... on account 'acct_...'").
+_ACCOUNT_IN_MESSAGE = re.compile(r"on account '(acct_[A-Za-z0-9]+)'")
+_PERMISSION_IN_MESSAGE = re.compile(r"'(rak_[a-z_]+)'")
+#: The list call that proves read access to each expected table (MBI's order).
+_TABLE_PROBES: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("Customers", "customers", {}), ("Charges", "charges", {}), ("Coupons", "coupons", {}),
+    ("Invoices", "invoices", {}), ("Plans", "plans", {}), ("Subscriptions", "subscriptions", {"status": "all"}),
+    ("Events", "events", {}))
+
+
+@dataclass(frozen=True)
+class TableAccess:
+    """Which expected tables a credential may read, and the permission each refused one lacks."""
+
+    readable: tuple[str, ...]
+    refused: dict[str, str]  # table title -> the permission Stripe names (or its message)
+
+    @property
+    def complete(self) -> bool:
+        return not self.refused
+
+    def name(self, account_id: str) -> str:
+        """A connection name for a key that may not read the account's details: its account, and what it reads."""
+        what = "all tables" if self.complete else ", ".join(self.readable)
+        who = account_id if account_id != UNKNOWN_ACCOUNT else "Stripe account"
+        return f"{who} · {what}"
+
+    def warning(self) -> str:
+        text = "This key may not read the account's details, so the connection is named after what it reads."
+        if self.refused:
+            missing = ", ".join(self.refused)
+            permissions = sorted({p for p in self.refused.values() if p.startswith("rak_")})
+            text += (f" It cannot read {missing}: previews and syncs of those fail until the key gets Read access"
+                     + (f" ({', '.join(permissions)})." if permissions else "."))
+        return text
+
+
+def table_access(key: str, *, api_base: str | None = None, client: stripe.StripeClient | None = None,
+                 timeout: float | tuple[float, float] = KEY_CHECK_TIMEOUT) -> TableAccess:
+    """Probes each expected table with one `limit=1` list call (in parallel). Raises AuthError when the
+    credential is rejected outright or Stripe cannot be reached."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = client or stripe.StripeClient(key, base_addresses={"api": api_base} if api_base else None,
+                                           max_network_retries=1, http_client=stripe.RequestsClient(timeout=timeout))
+
+    def probe(item: tuple[str, str, dict[str, Any]]) -> str | None:
+        title, service, params = item
+        try:
+            getattr(client.v1, service).list({"limit": 1, **params})
+        except stripe.PermissionError as exc:
+            found = _PERMISSION_IN_MESSAGE.search(exc.user_message or str(exc))
+            return found.group(1) if found else "read access"
+        except stripe.StripeError as exc:
+            raise _key_error(key, exc, timeout) from exc
+        return None
+
+    with ThreadPoolExecutor(max_workers=len(_TABLE_PROBES), thread_name_prefix="mbi-key-check") as pool:
+        results = list(pool.map(probe, _TABLE_PROBES))
+    readable = tuple(title for (title, _, _), refused in zip(_TABLE_PROBES, results) if refused is None)
+    refused = {title: why for (title, _, _), why in zip(_TABLE_PROBES, results) if why is not None}
+    return TableAccess(readable, refused)
+
+
 def account_of(key: str, *, api_base: str | None = None,
-               timeout: float | tuple[float, float] = KEY_CHECK_TIMEOUT) -> tuple[str, str]:
+               timeout: float | tuple[float, float] = KEY_CHECK_TIMEOUT) -> tuple[str, str | None]:
     """(account id, display name) of the account a key or OAuth token reads; raises AuthError.
+
+    A restricted key that may not read the account gets the id Stripe names in its refusal (or
+    `UNKNOWN_ACCOUNT`) and no name: `validate_key` names it after the tables it reads.
 
     Each attempt waits `timeout` (seconds, or (connect, read)); a failed one is retried once.
     """
@@ -437,13 +511,18 @@ def account_of(key: str, *, api_base: str | None = None,
                                  http_client=stripe.RequestsClient(timeout=timeout))
     try:
         account = client.v1.accounts.retrieve_current()
-    except stripe.PermissionError:
-        # A restricted key without account access can still read the tables: check one of them.
-        try:
-            client.v1.customers.list({"limit": 1})
-        except stripe.StripeError as exc:
-            raise _key_error(key, exc, timeout) from exc
-        return "unknown", "Stripe account"
+    except stripe.PermissionError as denied:
+        # A restricted key without account access can still read the tables. Stripe names the account in
+        # its refusal; the name is left to the caller (None), who knows what the key reads.
+        access = table_access(key, client=client, timeout=timeout)
+        if not access.readable:
+            raise AuthError(f"The key {redact(key)} may read neither the account nor any of the expected tables "
+                            f"({_stripe_words(denied, key)}). In the Stripe dashboard give the restricted key Read "
+                            "access to Customers, Charges, Coupons, Invoices, Plans/Prices, Subscriptions and Events "
+                            f"({', '.join(sorted(set(access.refused.values())))}), then paste it again.",
+                            code="key_refused") from denied
+        found = _ACCOUNT_IN_MESSAGE.search(denied.user_message or str(denied))
+        return (found.group(1) if found else UNKNOWN_ACCOUNT), None
     except stripe.StripeError as exc:
         raise _key_error(key, exc, timeout) from exc
     except UnicodeDecodeError as exc:  # stripe-python decodes every body to log it: bytes that are not text fail
@@ -500,6 +579,12 @@ def _key_error(key: str, exc: stripe.StripeError,
                          code="unavailable")
     message = exc.user_message if isinstance(exc.user_message, str) and exc.user_message else f"HTTP {status}"
     return AuthError(f"Stripe refused the key {redact(key)}: {message.replace(key, redact(key))}", code="key_refused")
+
+
+def _stripe_words(exc: stripe.StripeError, key: str) -> str:
+    """Stripe's message about an error, with the key masked should the server echo it."""
+    text = exc.user_message if isinstance(exc.user_message, str) and exc.user_message else type(exc).__name__
+    return text.replace(key, redact(key))
 
 
 def _answer_kind(body: object) -> str:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import requests
 
-from mbi_widgets.auth import AuthError, RelayClient, StripeToken, account_of, validate_key
+from mbi_widgets.auth import UNKNOWN_ACCOUNT, AuthError, RelayClient, StripeToken, account_of, validate_key
 from mbi_widgets.errors import MbiError
 from mbi_widgets.registry import (
     NEEDS_REAUTH,
@@ -43,8 +43,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_API_BASE = "https://api.stripe.com"
 ADDED, REPLACED, ALREADY_CONNECTED = "added", "replaced", "already_connected"
-#: The account of a restricted key that may not read the account's details: never "already connected".
-UNKNOWN_ACCOUNT = "unknown"
 #: How the Data Sources table names each way of connecting.
 AUTH_LABELS = {"oauth": "OAuth", "restricted_key": "API key", "secret_key": "API key (secret)"}
 #: Columns a table always keeps in the warehouse (its parent's id too, for a child table).
@@ -284,7 +282,8 @@ class Connections:
     def connect_with_token(self, token: StripeToken, *, reauth_id: str | None = None) -> ConnectOutcome:
         """Saves what Connect with Stripe returned, like `connect_with_key`."""
         account_id, name = account_of(token.access_token, api_base=self.api_base)
-        grant = _Grant(account_id=token.stripe_user_id or account_id, account_name=name, livemode=token.livemode,
+        account_id = token.stripe_user_id or account_id
+        grant = _Grant(account_id=account_id, account_name=name or account_id, livemode=token.livemode,
                        auth_method="oauth", scope=token.scope, secret=token.access_token,
                        refresh_token=token.refresh_token, relay_url=self.relay_url)
         return self._connect(grant, reauth_id)

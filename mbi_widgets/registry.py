@@ -419,7 +419,7 @@ def _probe(connection: Connection, secret: str, http_client: stripe.HTTPClient |
         return NEEDS_REAUTH, (f"Stripe rejected the credential ({_stripe_message(exc, secret)}). The access was "
                               "revoked or the key is wrong: re-authenticate the connection.")
     except stripe.PermissionError as exc:
-        return _probe_tables(client, secret, exc)
+        return _probe_tables(client, secret, exc, connection)
     except stripe.APIConnectionError as exc:
         return ERROR, (f"Could not reach {connection.api_base} ({_stripe_message(exc, secret)}). Check the "
                        "network connection and test again.")
@@ -431,18 +431,28 @@ def _probe(connection: Connection, secret: str, http_client: stripe.HTTPClient |
     return SUCCESS, "Connected."
 
 
-def _probe_tables(client: stripe.StripeClient, secret: str, denied: stripe.PermissionError) -> tuple[str, str]:
-    """A restricted key without Account access is fine if it reads the tables: check one of them."""
+def _probe_tables(client: stripe.StripeClient, secret: str, denied: stripe.PermissionError,
+                  connection: Connection) -> tuple[str, str]:
+    """A restricted key without Account access is fine if it reads the tables: each expected one is probed."""
+    from mbi_widgets.auth import _ACCOUNT_IN_MESSAGE, AuthError, table_access
+
+    named = _ACCOUNT_IN_MESSAGE.search(denied.user_message or str(denied))
+    if named and connection.account_id.startswith("acct_") and named.group(1) != connection.account_id:
+        return NEEDS_REAUTH, (f"The credential reads account {named.group(1)}, not {connection.account_id}. "
+                              "Re-authenticate with a credential for the right account.")
     try:
-        client.v1.customers.list({"limit": 1})
-    except stripe.AuthenticationError as exc:
-        return NEEDS_REAUTH, (f"Stripe rejected the credential ({_stripe_message(exc, secret)}): re-authenticate "
-                              "the connection.")
-    except stripe.StripeError as exc:
-        return ERROR, (f"The credential may read neither the account ({_stripe_message(denied, secret)}) nor "
-                       f"customers ({_stripe_message(exc, secret)}). Give the restricted key Read access to the "
-                       "tables, or re-authenticate with a key that has it.")
-    return SUCCESS, "Connected (the key reads the tables but not the account's details)."
+        access = table_access(secret, client=client)
+    except AuthError as exc:
+        status = NEEDS_REAUTH if exc.code == "invalid_key" else ERROR
+        return status, f"{exc} Re-authenticate the connection if it persists."
+    if not access.readable:
+        return ERROR, (f"The credential may read neither the account ({_stripe_message(denied, secret)}) nor any "
+                       f"expected table ({', '.join(sorted(set(access.refused.values())))}). Give the restricted key "
+                       "Read access to the tables, or re-authenticate with a key that has it.")
+    if access.complete:
+        return SUCCESS, "Connected (the key reads every expected table, but not the account's details)."
+    return SUCCESS, (f"Connected, but the key reads only {', '.join(access.readable)}; it cannot read "
+                     f"{', '.join(access.refused)} ({', '.join(sorted(set(access.refused.values())))}).")
 
 
 def _stripe_message(exc: stripe.StripeError, secret: str) -> str:

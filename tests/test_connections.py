@@ -135,11 +135,16 @@ def test_another_api_or_mode_is_another_account_and_names_stay_unique(connection
     assert connections.unique_name("Brand new") == "Brand new"
 
 
-def test_a_key_that_cannot_read_the_account_is_never_taken_for_another_connection(connections, sandbox):
+def test_a_key_that_cannot_read_the_account_is_known_by_the_account_stripe_names(connections, sandbox):
+    """Stripe names the account in a restricted key's refusal ("... on account 'acct_...'"): such a key is
+    named after that account and what it reads, and a second one for the same account is already connected."""
     first = connections.connect_with_key(sandbox.create_restricted_key({"customers", "charges"}))
+    assert first.kind == ADDED
+    assert first.connection.account_id == sandbox.accounts[0].id
+    assert first.connection.name == f"{sandbox.accounts[0].id} · Customers, Charges"
+    assert "cannot read Coupons, Invoices, Plans, Subscriptions, Events" in first.warning
     second = connections.connect_with_key(sandbox.create_restricted_key({"customers", "charges"}))
-    assert first.kind == second.kind == ADDED  # its account is unknown: it may be any account
-    assert first.connection.account_id == "unknown"
+    assert second.kind == ALREADY_CONNECTED and second.connection.id == first.connection.id
 
 
 def test_reauthenticating_with_another_accounts_credential_is_refused_and_keeps_the_old(connections, sandbox):

@@ -502,11 +502,22 @@ def test_restricted_key_without_account_access_still_connects(panel, sandbox):
 
 
 def test_restricted_key_reading_nothing_shows_an_error(panel, sandbox):
-    key = sandbox.create_restricted_key({"charges"})
+    key = sandbox.create_restricted_key(set())
     open_stripe_authorization(panel)
     save_key(panel, key)
     assert "rak_customer_read" in text_of(panel.key_message) or "rak_customer_read" in text_of(panel.banner)
-    assert panel.preview is None
+    assert panel.preview is None and panel.registry.list() == []
+
+
+def test_restricted_key_reading_some_tables_is_named_after_what_it_reads(panel, sandbox):
+    """Issue 10: not "Stripe account / unknown" with a plain Success badge."""
+    key = sandbox.create_restricted_key({"customers", "charges"})
+    open_stripe_authorization(panel)
+    save_key(panel, key)
+    (connection,) = panel.registry.list()
+    assert connection.name == f"{sandbox.accounts[0].id} · Customers, Charges"
+    assert "cannot read Coupons" in text_of(panel.banner)
+    assert "reads only Customers, Charges" in connection.status_message
 
 
 def test_an_account_already_connected_is_offered_for_reauthentication_not_added_again(panel, sandbox):

@@ -187,16 +187,33 @@ def test_a_key_for_another_account_needs_reauthentication(registry, sandbox):
 
 def test_a_key_that_reads_the_tables_but_not_the_account_is_a_success(registry, sandbox):
     """Guards: restricted keys need no Account permission to be a working connection."""
+    every = {"customers", "charges", "coupons", "invoices", "plans", "subscriptions", "events"}
+    connection = add_key(registry, sandbox, sandbox.create_restricted_key(every))
+    tested = registry.test(connection.id)
+    assert tested.status == SUCCESS and "every expected table" in tested.status_message
+
+
+def test_a_key_that_reads_some_tables_says_which_it_cannot_read(registry, sandbox):
+    """Changed on purpose (issue 10): one readable table used to pass for a key that reads everything."""
     connection = add_key(registry, sandbox, sandbox.create_restricted_key({"customers", "charges"}))
     tested = registry.test(connection.id)
-    assert tested.status == SUCCESS and "not the account" in tested.status_message
+    assert tested.status == SUCCESS
+    assert "reads only Customers, Charges" in tested.status_message
+    assert "Events" in tested.status_message and "rak_event_read" in tested.status_message
 
 
 def test_a_key_that_reads_neither_account_nor_tables_is_an_error_not_a_reauthentication(registry, sandbox):
-    connection = add_key(registry, sandbox, sandbox.create_restricted_key({"charges"}))
+    connection = add_key(registry, sandbox, sandbox.create_restricted_key(set()))
     tested = registry.test(connection.id)
     assert tested.status == ERROR and "rak_account_read" in tested.status_message
     assert "rak_customer_read" in tested.status_message
+
+
+def test_a_key_without_account_access_for_another_account_needs_reauthentication(registry, sandbox):
+    """Stripe names the account in a restricted key's refusal: a key for another account is caught."""
+    connection = add_key(registry, sandbox, sandbox.create_restricted_key({"customers"}, account=1))
+    tested = registry.test(connection.id)
+    assert tested.status == NEEDS_REAUTH and sandbox.accounts[1].id in tested.status_message
 
 
 def test_an_unreachable_server_is_an_error(registry, sandbox):

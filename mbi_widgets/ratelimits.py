@@ -6,20 +6,31 @@ from dataclasses import dataclass
 from typing import Mapping
 
 
+#: The one endpoint Stripe's search endpoints (`/v1/charges/search`, `/v1/invoices/search`, ...) count
+#: as: they share a single limit, on top of counting against the account's.
+SEARCH_ENDPOINT = "search"
+
+
 @dataclass(frozen=True)
 class RateLimits:
-    """Requests per second allowed per account and per endpoint.
+    """Requests per second allowed per account, per endpoint, and for all search endpoints together.
 
-    Stripe's documented defaults: 25/s per account in test mode, 100/s in live mode, and 25/s
-    per endpoint in both.
+    Stripe's documented defaults: 25/s per account in test mode, 100/s in live mode, 25/s per
+    endpoint in both, and 20/s shared by the Search API's endpoints in both (each search request
+    also counts against the account's limit).
     """
 
     per_account: float = 25.0
     per_endpoint: float = 25.0
+    per_search: float = 20.0
 
     def __post_init__(self) -> None:
-        if self.per_account <= 0 or self.per_endpoint <= 0:
+        if self.per_account <= 0 or self.per_endpoint <= 0 or self.per_search <= 0:
             raise ValueError("rate limits are positive requests per second")
+
+    def for_endpoint(self, endpoint: str) -> float:
+        """The limit of one endpoint's own bucket (`SEARCH_ENDPOINT` for every search endpoint)."""
+        return self.per_search if endpoint == SEARCH_ENDPOINT else self.per_endpoint
 
     @classmethod
     def test_mode(cls) -> "RateLimits":

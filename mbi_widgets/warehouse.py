@@ -764,7 +764,7 @@ class Warehouse:
                         if time.monotonic() >= deadline:
                             raise WarehouseLocked(
                                 f"another process is syncing the warehouse {self.path} (it holds {lock_path}); "
-                                f"waited {self.lock_timeout:.0f} s. Let it finish, then sync again.",
+                                f"waited {self.lock_timeout:g} s. Let it finish, then sync again.",
                                 code="locked") from None
                         time.sleep(0.1)
                 yield

@@ -226,7 +226,13 @@ def test_validate_key_against_a_server_that_never_answers(silent):
 
 @pytest.mark.parametrize("call", ["table", "preview"])
 def test_the_same_page_forever_is_a_stuck_cursor(stripe_fake, call):
-    stripe_fake.handler = lambda request: json_answer(page(["cpn_b", "cpn_a"], has_more=True))
+    def same_page(request):
+        # Inside whatever `created` window was asked for (else the window check calls it a bad answer first).
+        high = int(request.query_params.get("created[lt]", NEWEST + 1)) - 1
+        low = int(request.query_params.get("created[gte]", 0))
+        return json_answer(page(["cpn_b", "cpn_a"], has_more=True, created=[high, max(low, high - 1)]))
+
+    stripe_fake.handler = same_page
     source = source_for(stripe_fake.url)
     with pytest.raises(FetchError) as caught:
         getattr(source, call)("coupons", **({"rows": 1000} if call == "preview" else {}))

@@ -60,12 +60,19 @@ class Sandbox:
     each with the events Stripe sends), up to `horizon_days` after the start. With `listing_lag`
     (seconds), a new object appears in lists only up to that long after its `created`, as
     Stripe's lists sometimes do.
+
+    The Search API (`/v1/charges/search` and the like) is served unless `search` is False (as
+    for Stripe accounts in regions without search: 404); objects become searchable
+    `search_delay` seconds of the sandbox clock after their `created`, like Stripe's index.
     """
 
     def __init__(self, seed: int = 0, scale: str | int = "demo", latency_ms: float = 0,
                  rate_limits: RateLimits | Mapping[str, float] | str | None = None,
                  faults: Faults | None = None, *, port: int = 0, now: int | datetime | None = None,
-                 redirect_uris: tuple[str, ...] = (), horizon_days: int = 60, listing_lag: int = 0) -> None:
+                 redirect_uris: tuple[str, ...] = (), horizon_days: int = 60, listing_lag: int = 0,
+                 search: bool = True, search_delay: int = 60) -> None:
+        if isinstance(search_delay, bool) or not isinstance(search_delay, int) or search_delay < 0:
+            raise SandboxError(f"search_delay is whole seconds >= 0, not {search_delay!r}")
         self.seed, self.scale, self.latency_ms, self.port = seed, scale, latency_ms, port
         customers = scale_to_customers(scale)
         start = int(now.timestamp()) if isinstance(now, datetime) else int(now or DEFAULT_NOW)
@@ -82,7 +89,8 @@ class Sandbox:
         self.client_id = "ca_" + "".join(rng.choices("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", k=24))
         self._state = SandboxState(platform=platform, seeds=seeds, now=start,
                                    rate_limits=RateLimits.coerce(rate_limits), faults=FaultPlan(faults),
-                                   client_id=self.client_id, horizon_days=horizon_days, listing_lag=listing_lag)
+                                   client_id=self.client_id, horizon_days=horizon_days, listing_lag=listing_lag,
+                                   search=search, search_delay=search_delay)
         self.platform_account_id = platform.id
         self.secret_key = self._state.credentials.issue_secret(platform.id, platform=True)
         self.restricted_key = self._state.credentials.issue_restricted(self.accounts[0].id)

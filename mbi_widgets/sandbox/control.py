@@ -14,15 +14,16 @@ import orjson
 
 from mbi_widgets.ratelimits import RateLimits, TokenBucket
 
-FAULT_KINDS = frozenset({"500", "502", "503", "drop", "slow"})
+FAULT_KINDS = frozenset({"429", "500", "502", "503", "drop", "slow"})
 
 
 @dataclass
 class Faults:
     """Faults to inject: a random share of requests (`rate`), or chosen request numbers (`on`).
 
-    Kinds: "500", "502", "503" (Stripe-shaped server errors), "drop" (the connection closes
-    halfway through the response body) and "slow" (the answer waits `slow_ms`). Requests are
+    Kinds: "500", "502", "503" (Stripe-shaped server errors), "429" (Stripe's rate-limit answer,
+    as if a limit had been hit), "drop" (the connection closes halfway through the response body)
+    and "slow" (the answer waits `slow_ms`). Requests are
     numbered from 1 among those whose path starts with one of `paths`.
     """
 
@@ -52,7 +53,7 @@ class RateLimiter:
         key = (account, endpoint)
         bucket = self._buckets.get(key)
         if bucket is None:
-            rate = self.limits.per_account if endpoint is None else self.limits.per_endpoint
+            rate = self.limits.per_account if endpoint is None else self.limits.for_endpoint(endpoint)
             bucket = self._buckets[key] = TokenBucket(rate)
         return bucket
 
@@ -105,6 +106,8 @@ class DroppedConnection(Exception):
 
 
 _SERVER_ERRORS = {
+    "429": (429, "Request rate limit exceeded. You can learn more about rate limits here "
+                 "https://stripe.com/docs/rate-limits. (Injected by the mbi-widgets sandbox.)"),
     "500": (500, "An unknown error occurred. (Injected by the mbi-widgets sandbox.)"),
     "502": (502, "Bad gateway. (Injected by the mbi-widgets sandbox.)"),
     "503": (503, "The service is temporarily unavailable. (Injected by the mbi-widgets sandbox.)"),
@@ -133,7 +136,9 @@ class ControlMiddleware:
             await asyncio.sleep(self.faults.faults.slow_ms / 1000)
         elif fault in _SERVER_ERRORS:
             status, message = _SERVER_ERRORS[fault]
-            body = orjson.dumps({"error": {"type": "api_error", "message": message}})
+            error = ({"type": "invalid_request_error", "code": "rate_limit", "message": message} if status == 429
+                     else {"type": "api_error", "message": message})
+            body = orjson.dumps({"error": error})
             await send({"type": "http.response.start", "status": status,
                         "headers": [(b"content-type", b"application/json"),
                                     (b"content-length", str(len(body)).encode())]})

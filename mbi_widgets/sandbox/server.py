@@ -15,7 +15,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
 
-from mbi_widgets.sandbox import api, connect
+from mbi_widgets.sandbox import api, connect, search
 from mbi_widgets.errors import SandboxError
 from mbi_widgets.sandbox.api import StripeHTTPError
 from mbi_widgets.sandbox.control import ControlMiddleware, DroppedConnection, FaultPlan, RateLimiter, RateLimits
@@ -47,7 +47,8 @@ class SandboxState:
 
     def __init__(self, *, platform: SandboxAccount, seeds: list[AccountSeed], now: int,
                  rate_limits: RateLimits | None, faults: FaultPlan, client_id: str,
-                 horizon_days: int = 0, listing_lag: int = 0) -> None:
+                 horizon_days: int = 0, listing_lag: int = 0, search: bool = True,
+                 search_delay: int = 60) -> None:
         self.platform = platform
         self.seeds = {seed.account.id: seed for seed in seeds}
         #: The sandbox clock (moves with `advance`); data is generated from `start` to `end`.
@@ -55,6 +56,10 @@ class SandboxState:
         self.end = now + horizon_days * DAY
         self.horizon_days = horizon_days
         self.listing_lag = listing_lag
+        #: Whether the Search API is served (Stripe offers none in some regions), and its indexing
+        #: delay: objects created within the last `search_delay` seconds are not searchable yet.
+        self.search = search
+        self.search_delay = search_delay
         self._events: dict[str, dict] = {}
         self.credentials = Credentials(platform.id)
         self.credentials.connected.update(self.seeds)
@@ -239,7 +244,7 @@ def build_app(state: SandboxState, *, latency_ms: float = 0, mounts: dict[str, A
     all_methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
     app = Starlette(
         routes=[Route("/_sandbox/advance", _advance_route(state), methods=["POST"]),
-                *api.routes(state), *connect.routes(state),
+                *search.routes(state), *api.routes(state), *connect.routes(state),
                 *(Mount(path, app=sub_app) for path, sub_app in (mounts or {}).items()),
                 Route("/{path:path}", _not_found, methods=all_methods)],
         exception_handlers={StripeHTTPError: _stripe_error, ClientDisconnect: client_went_away,

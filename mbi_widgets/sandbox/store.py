@@ -188,8 +188,9 @@ def build_dataset(history: History, at: int | None = None, *, lag: int = 0,
     for ch in history.charges:
         if ch.created > now:
             continue
-        charges.append(serialise(render.charge(ch, now), {"customer": ch.customer.id, "payment_intent": ch.payment_intent,
-                                                          "transfer_group": None}, expandable=True))
+        body = render.charge(ch, now)
+        charges.append(serialise(body, {"customer": ch.customer.id, "payment_intent": ch.payment_intent,
+                                        "transfer_group": None, "status": body["status"]}, expandable=True))
         refunds = ch.refunds_at(now)
         if refunds:
             refunds_by_charge[ch.id] = Collection(

@@ -6,6 +6,16 @@ window in two at the middle of its remaining time range, so work spreads over th
 without knowing the table's size. Windows never overlap and always cover everything (the
 oldest window is unbounded below), and rows are merged by id.
 
+Where the account's limit is above the per-endpoint limit (live mode), the Search API is a
+second lane: Stripe counts `GET /v1/charges/search` as another endpoint, with its own limit (20/s
+shared by every search endpoint, and counted against the account's). A window that has not
+started yet goes to whichever lane of its table is less busy for its rate; search only takes
+windows whose newest possible object is older than Stripe's indexing delay plus a margin, in
+parts of about `Windowing.search_pages` pages (a search window is never split: its `page` token
+holds its query). Search answers are the same objects as list answers, so rows merge by id as
+before; a search window that fails (no search in the region, a key without it, errors beyond
+retries, a wrong-shape answer) goes back to the list lane whole, and no row is lost or doubled.
+
 Nothing waits forever: each attempt has a connect and a read timeout, a call may have a
 deadline, a page that would not move the cursor forward stops the fetch, and an answer that is
 not a Stripe list (HTML, cut-off JSON, missing fields) is a `BadAnswer` saying what came back.
@@ -25,7 +35,7 @@ import requests
 import stripe
 
 from mbi_widgets.errors import MbiError
-from mbi_widgets.ratelimits import RateLimits, TokenBucket
+from mbi_widgets.ratelimits import SEARCH_ENDPOINT, RateLimits, TokenBucket
 from mbi_widgets.redaction import redact
 
 #: Lower bound for splitting when an account's creation date is unknown (Stripe's launch year).
@@ -47,6 +57,34 @@ READ_TIMEOUT = 30.0
 MAX_CREATED = 10_000_000_000
 #: How long a call with a deadline waits for requests still in flight before it gives up on them.
 DEADLINE_GRACE = 1.0
+#: Stripe makes new and changed objects searchable "in under 1 minute", and "up to an hour behind
+#: during outages": search only takes windows whose objects are all older than this (seconds).
+SEARCH_INDEXING_DELAY = 60
+SEARCH_MARGIN = 3_540
+SEARCH_DELAY = SEARCH_INDEXING_DELAY + SEARCH_MARGIN
+#: Pages a search window is carved to (it cannot be split once started: a smaller one ends sooner).
+SEARCH_PAGES = 8
+
+
+@dataclass(frozen=True)
+class Windowing:
+    """How tables are cut into `created` windows; the defaults suit Stripe (tests shrink them).
+
+    `page_size` is each request's `limit`; a large table starts with `initial_splits` extra
+    windows; a window is split while it holds at least `min_split_objects` more objects; a search
+    window is carved to about `search_pages` pages.
+    """
+
+    page_size: int = 100
+    initial_splits: int = INITIAL_SPLITS
+    min_split_objects: int = MIN_SPLIT_OBJECTS
+    search_pages: int = SEARCH_PAGES
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.page_size <= 100:
+            raise ValueError(f"page_size is Stripe's limit, 1 to 100, not {self.page_size!r}")
+        if self.initial_splits < 0 or self.min_split_objects < 1 or self.search_pages < 1:
+            raise ValueError("initial_splits >= 0, min_split_objects >= 1 and search_pages >= 1")
 
 
 class StripeSourceError(MbiError):
@@ -90,6 +128,8 @@ class RateBudget:
     Requests are spaced evenly, with room for one extra request so that a thread waking a little
     late does not lose its slot for good (`BURST`); bursts never trip Stripe's limiter. A 429
     still slows the pace down for a while (multiplicative decrease, additive recovery).
+    Each endpoint has its own bucket at its own limit (`SEARCH_ENDPOINT`: one bucket for every
+    search endpoint), and every request also takes from the account's bucket.
     """
 
     _registry: dict[tuple[str, str], "RateBudget"] = {}
@@ -117,7 +157,8 @@ class RateBudget:
                 now = time.monotonic()
                 bucket = self._endpoints.get(endpoint)
                 if bucket is None:
-                    bucket = self._endpoints[endpoint] = TokenBucket(self.limits.per_endpoint * self._scale, capacity=BURST)
+                    bucket = self._endpoints[endpoint] = TokenBucket(self.limits.for_endpoint(endpoint) * self._scale,
+                                                                     capacity=BURST)
                 wait = max(self._account.wait_time(now), bucket.wait_time(now))
                 if wait == 0:
                     self._account.take(now)
@@ -138,8 +179,8 @@ class RateBudget:
 
     def _apply(self) -> None:
         self._account.rate = self.limits.per_account * self._scale
-        for bucket in self._endpoints.values():
-            bucket.rate = self.limits.per_endpoint * self._scale
+        for endpoint, bucket in self._endpoints.items():
+            bucket.rate = self.limits.for_endpoint(endpoint) * self._scale
 
 
 @dataclass
@@ -309,6 +350,23 @@ def _list_problem(payload: Any, *, dated: bool, created: Any = None) -> str | No
     return None
 
 
+def _search_problem(payload: Any, created: Mapping[str, int]) -> str | None:
+    """What is wrong with a search page, or None. Stripe does not document the order of search
+    results, so every object is checked against the query's range (two comparisons each)."""
+    problem = _list_problem(payload, dated=True)
+    if problem:
+        return problem
+    next_page = payload.get("next_page")
+    if payload["has_more"] and (not isinstance(next_page, str) or not next_page):
+        return "it says more results follow but has no `next_page` token"
+    lowest, highest = created.get("gte"), created.get("lt")
+    for obj in payload["data"]:
+        if (lowest is not None and obj["created"] < lowest) or (highest is not None and obj["created"] >= highest):
+            return (f"it holds objects created outside the range the query asked for {dict(created)}: the server "
+                    "ignores the query")
+    return None
+
+
 def _object_problem(obj: Any, *, dated: bool) -> str | None:
     """What is wrong with one object, or None."""
     if not isinstance(obj, dict):
@@ -365,12 +423,17 @@ class FetchStats:
     windows: int = 0
     child_requests: int = 0
     seconds: float = 0.0
+    #: Requests per endpoint; every search endpoint counts as `SEARCH_ENDPOINT`, as Stripe counts them.
     by_endpoint: dict[str, int] = field(default_factory=dict)
+    #: Search windows that failed and went back to the list lane.
+    search_fallbacks: int = 0
 
     def floor_seconds(self, limits: RateLimits) -> float:
         """The least time these requests could take under `limits` (the rate-limit ceiling)."""
-        busiest = max(self.by_endpoint.values(), default=0)
-        return max(self.requests / limits.per_account, busiest / limits.per_endpoint)
+        searches = self.by_endpoint.get(SEARCH_ENDPOINT, 0)
+        busiest = max((count for endpoint, count in self.by_endpoint.items() if endpoint != SEARCH_ENDPOINT),
+                      default=0)
+        return max(self.requests / limits.per_account, busiest / limits.per_endpoint, searches / limits.per_search)
 
 
 class Fetcher:
@@ -406,6 +469,15 @@ class Fetcher:
         if problem:
             raise _bad_answer(table, path, params, problem)
         return payload["data"], payload["has_more"]
+
+    def search(self, table: str, path: str, params: Mapping[str, Any], *,
+               created: Mapping[str, int]) -> tuple[list[dict], bool, str | None]:
+        """One page of a search: its objects (each created within `created`: gte, lt), `has_more`, `next_page`."""
+        payload = self.get(table, path, params, SEARCH_ENDPOINT)
+        problem = _search_problem(payload, created)
+        if problem:
+            raise _bad_answer(table, path, params, problem)
+        return payload["data"], payload["has_more"], payload.get("next_page")
 
     def object(self, table: str, path: str, params: Mapping[str, Any], endpoint: str | None = None) -> dict:
         """One object by id: a dict with an `id` (and a `created` time unless it says it was deleted)."""
@@ -534,12 +606,16 @@ class Fetcher:
 
 @dataclass
 class Window:
-    """A range of `created` still to fetch: lo <= created < hi, continuing after `after`."""
+    """A range of `created` still to fetch: lo <= created < hi, continuing after `after` (list lane)
+    or from `page` (search lane). `lane` is None until a worker takes the window and picks one."""
 
     table: str
     lo: int | None
     hi: int | None
     after: str | None = None
+    lane: str | None = None
+    #: The search lane's `next_page` token.
+    page: str | None = None
     #: `created` of the last object fetched: what remains lies in [lo, top].
     top: int | None = None
     pages: int = 0
@@ -547,7 +623,7 @@ class Window:
     done: bool = False
     #: Objects per second of `created`, measured on the last full page.
     density: float = 0.0
-    #: The last id of every page so far: a cursor that comes back means the list is not advancing.
+    #: The last id (list) or token (search) of every page so far: one that comes back means no progress.
     seen: set[str] = field(default_factory=set)
 
     def span(self, floor: int) -> int:
@@ -595,12 +671,25 @@ class Collected:
 
 
 class Job:
-    """Fetches several tables concurrently with one pool of workers and one budget."""
+    """Fetches several tables concurrently with one pool of workers and one budget.
+
+    `search_delay` (seconds) turns the search lane on for plans with a `search_path`: it takes
+    windows whose objects were all created longer ago than that, by Stripe's clock (None: off).
+    """
 
     def __init__(self, *, fetcher: Fetcher, plans: list["TablePlan"], workers: int, floor: Callable[[], int],
                  progress: Callable[[int, int | None], None] | None,
-                 table_progress: Callable[[str, int], None] | None = None) -> None:
+                 table_progress: Callable[[str, int], None] | None = None,
+                 windowing: Windowing | None = None, search_delay: float | None = None) -> None:
         self.fetcher, self.plans, self.workers, self._floor_fn = fetcher, {p.name: p for p in plans}, workers, floor
+        self.windowing = windowing or Windowing()
+        self.search_delay = search_delay
+        #: Tables whose search failed (search stays off for them), or "*" for every table.
+        self._search_off: set[str] = set()
+        #: Windows being read per lane: each list endpoint, and `SEARCH_ENDPOINT` for every search.
+        self._lane_busy: dict[str, int] = {}
+        #: Parents whose long embedded list is already being paged (a window re-read must not page it twice).
+        self._followed: set[tuple[str, str]] = set()
         self.progress = progress
         #: Rows collected so far per table (a warehouse sync's per-table progress bars).
         self.table_progress = table_progress
@@ -675,19 +764,21 @@ class Job:
             return ("probe", self._probes.popleft())
         for window in self._windows:
             if not window.busy and not window.done:
-                window.busy = True
-                return window
+                return self._assign(window)
         while self._children:
             task = self._children.popleft()
             task.busy = True
             return task
-        return self._split()
+        older = self._split()
+        return None if older is None else self._assign(older)
 
-    def _split(self, *, table: str | None = None, busy: bool = True) -> Window | None:
-        """Halves the window with the most objects left (of `table`, if given); returns the older half."""
+    def _split(self, *, table: str | None = None) -> Window | None:
+        """Halves the list window with the most objects left (of `table`, if given); returns the older
+        half, idle and without a lane. Search windows are never split: their `page` token holds the query."""
         floor = self._floor if self._floor is not None else STRIPE_EPOCH
-        candidates = [w for w in self._windows if not w.done and w.pages > 0 and w.span(floor) > MIN_SPLIT_SPAN
-                      and w.remaining(floor) >= MIN_SPLIT_OBJECTS and (table is None or w.table == table)]
+        candidates = [w for w in self._windows if not w.done and w.lane == "list" and w.pages > 0
+                      and w.span(floor) > MIN_SPLIT_SPAN and w.remaining(floor) >= self.windowing.min_split_objects
+                      and (table is None or w.table == table)]
         if not candidates:
             return None
         widest = max(candidates, key=lambda w: w.remaining(floor))
@@ -695,11 +786,68 @@ class Job:
         middle = (low + widest.top) // 2
         if middle <= low or (widest.lo is not None and middle <= widest.lo):
             return None
-        older = Window(widest.table, widest.lo, middle, top=middle - 1, busy=busy, density=widest.density)
-        widest.lo = middle
+        return self._cut(widest, middle)
+
+    def _cut(self, window: Window, at: int) -> Window:
+        """Moves [window.lo, at) into a new idle window without a lane (returned); `window` keeps the rest."""
+        older = Window(window.table, window.lo, at, top=at - 1, density=window.density)
+        window.lo = at
         self._windows.append(older)
         self.fetcher._count(windows=1)
         return older
+
+    # --- lanes -------------------------------------------------------------------------------
+
+    def _assign(self, window: Window) -> Window:
+        """Marks a window taken by the calling worker, picking a lane for one that has none yet."""
+        if window.lane is None:
+            window = self._search_part(window) or window
+            if window.lane is None:
+                window.lane = "list"
+        window.busy = True
+        key = self._lane_key(window)
+        self._lane_busy[key] = self._lane_busy.get(key, 0) + 1
+        return window
+
+    def _lane_key(self, window: Window) -> str:
+        return SEARCH_ENDPOINT if window.lane == "search" else self.plans[window.table].path
+
+    def _search_part(self, window: Window) -> Window | None:
+        """The part of a window without a lane that the search lane takes now, or None (list lane).
+
+        Search takes it when its lane is the less busy of the two for its rate, and only below the
+        cutoff (Stripe's clock minus the indexing delay and margin), about `search_pages` pages of the
+        window's newest part by the density seen so far; the rest keeps no lane, for later.
+        """
+        cutoff = self._search_cutoff(window.table)
+        if cutoff is None or window.density <= 0 or not self._search_less_busy(window.table):
+            return None  # no search, or no estimate of the window's size (the list lane can split it)
+        floor = self._floor if self._floor is not None else STRIPE_EPOCH
+        low = window.lo if window.lo is not None else floor
+        high = cutoff if window.hi is None else min(window.hi, cutoff)
+        if high - low <= MIN_SPLIT_SPAN:
+            return None  # nothing in it is old enough for search
+        part = window if high == window.hi else self._cut(window, high)
+        objects = self.windowing.search_pages * self.windowing.page_size
+        span = max(MIN_SPLIT_SPAN, int(objects / part.density))
+        if high - low > span * 3 // 2:
+            self._cut(part, high - span)
+        part.lane = "search"
+        return part
+
+    def _search_cutoff(self, table: str) -> int | None:
+        """The newest `created` search may be asked for in `table` now, or None when search is off for it."""
+        if (self.search_delay is None or self.plans[table].search_path is None
+                or {"*", table} & self._search_off or self.fetcher.server_time is None):
+            return None
+        return int(self.fetcher.server_time - self.search_delay)
+
+    def _search_less_busy(self, table: str) -> bool:
+        """Whether the search lane has fewer windows in progress than the table's list lane, for their rates."""
+        limits = self.fetcher.budget.limits
+        searching = self._lane_busy.get(SEARCH_ENDPOINT, 0) / limits.per_search
+        listing = self._lane_busy.get(self.plans[table].path, 0) / limits.per_endpoint
+        return searching <= listing
 
     # --- work --------------------------------------------------------------------------------
 
@@ -707,13 +855,21 @@ class Job:
         if isinstance(task, tuple):
             self._probe(task[1])
         elif isinstance(task, Window):
-            self._page(task)
+            lane = self._lane_key(task)  # before the page: a failed search window changes lanes
+            try:
+                if task.lane == "search":
+                    self._search_page(task)
+                else:
+                    self._page(task)
+            finally:
+                with self._lock:
+                    self._lane_busy[lane] -= 1
         else:
             self._child_page(task)
 
     def _probe(self, table: str) -> None:
         plan = self.plans[table]
-        params = plan.params(limit=100)
+        params = plan.params(limit=self.windowing.page_size)
         data, has_more = self.fetcher.list(table, plan.path, params)
         self._absorb(plan, data, params)
         seen: set[str] = set()
@@ -721,15 +877,16 @@ class Job:
         if after is not None:
             if self._floor is None:
                 self._floor = self._floor_fn()
-            window = Window(table, plan.since, None, after=after, top=data[-1]["created"], pages=1, seen=seen)
+            window = Window(table, plan.since, None, after=after, lane="list", top=data[-1]["created"], pages=1,
+                            seen=seen)
             window.observe(data)
             self.fetcher._count(windows=1)
             with self._lock:
                 self._windows.append(window)
                 # A large table starts with a few windows at once, so its endpoint's budget fills up even
                 # while every worker is busy with other tables; idle workers keep halving them later.
-                for _ in range(INITIAL_SPLITS):
-                    if self._split(table=table, busy=False) is None:
+                for _ in range(self.windowing.initial_splits):
+                    if self._split(table=table) is None:
                         break
                 self._lock.notify_all()
 
@@ -737,7 +894,7 @@ class Job:
         plan = self.plans[window.table]
         with self._lock:
             lo, hi, after = window.lo, window.hi, window.after
-        params = plan.params(limit=100, gte=lo, lt=hi, after=after)
+        params = plan.params(limit=self.windowing.page_size, gte=lo, lt=hi, after=after)
         data, has_more = self.fetcher.list(window.table, plan.path, params)
         self._absorb(plan, data, params)
         following = next_cursor(window.table, plan.path, params, data, has_more, window.seen)
@@ -750,8 +907,50 @@ class Job:
             if following is None:
                 window.done = True
 
+    def _search_page(self, window: Window) -> None:
+        """One page of a search window; a failure sends the window back to the list lane, whole."""
+        plan = self.plans[window.table]
+        assert plan.search_path is not None
+        with self._lock:
+            lo, hi, page = window.lo, window.hi, window.page
+        params = plan.search_params(limit=self.windowing.page_size, gte=lo, lt=hi, page=page)
+        try:
+            data, has_more, following = self.fetcher.search(window.table, plan.search_path, params,
+                                                            created=plan.created(gte=lo, lt=hi))
+            if has_more and following in window.seen:
+                raise FetchError(f"The search for {window.table} answered a `next_page` it had already sent.",
+                                 table=window.table, cursor=params, code="stuck_cursor")
+        except (PermissionDenied, RequestRejected, FetchError) as exc:
+            if isinstance(exc, FetchError) and exc.code == "deadline_exceeded":
+                raise
+            self._fall_back(window, exc)
+            return
+        self._absorb(plan, data, params)
+        with self._lock:
+            window.pages += 1
+            window.busy = False
+            if has_more:
+                window.page = following
+                window.seen.add(following)  # type: ignore[arg-type]
+            else:
+                window.done = True
+
+    def _fall_back(self, window: Window, error: StripeSourceError) -> None:
+        """Sends a failed search window to the list lane, to be read whole (rows already taken merge by id).
+
+        A refusal (403: a key without search; 404: a region without it; 400) turns search off for
+        every table; other failures (errors beyond retries, wrong-shape answers) for this table.
+        """
+        with self._lock:
+            self._search_off.add("*" if isinstance(error, (PermissionDenied, RequestRejected)) else window.table)
+            window.lane, window.page, window.after = "list", None, None
+            window.pages, window.seen, window.busy = 0, set(), False
+            if window.hi is not None:
+                window.top = window.hi - 1
+        self.fetcher._count(search_fallbacks=1)
+
     def _child_page(self, task: ChildTask) -> None:
-        params = dict(task.params, limit=100)
+        params = dict(task.params, limit=self.windowing.page_size)
         if task.after:
             params["starting_after"] = task.after
         data, has_more = self.fetcher.list(task.table, task.path, params, endpoint=task.path.split("?")[0],
@@ -807,7 +1006,7 @@ class Job:
                 parent_order = (obj.get("created") or 0, obj["id"])
                 rows += [(child.shaper.row(entry, obj["id"]), entry["id"], (*parent_order, -index))
                          for index, entry in enumerate(entries)]
-                if embedded["has_more"]:
+                if embedded["has_more"] and self._follow(child.name, obj["id"]):
                     task = child.task(obj["id"], entries[-1]["id"] if entries else None, parent_order, len(entries))
                     task.seen.update([task.after] if task.after else [])
                     follow_ups.append(task)
@@ -816,6 +1015,14 @@ class Job:
                 with self._lock:
                     self._children.extend(follow_ups)
                     self._lock.notify_all()
+
+    def _follow(self, child: str, parent_id: str) -> bool:
+        """True the first time a parent's long embedded list is met: only then is it paged."""
+        with self._lock:
+            if (child, parent_id) in self._followed:
+                return False
+            self._followed.add((child, parent_id))
+            return True
 
     def _store(self, table: str, rows: list[tuple[dict, str, tuple]]) -> None:
         with self._lock:
@@ -864,18 +1071,37 @@ class TablePlan:
     children: list[ChildPlan] = field(default_factory=list)
     #: False for a table whose objects are only retrieved by id (changed objects, not its list).
     listed: bool = True
+    #: The table's search endpoint (None: no search lane), and what its search passes besides `query`
+    #: (a search covers every status, so the list's `status=all` has no counterpart).
+    search_path: str | None = None
+    search_fixed: dict[str, Any] = field(default_factory=dict)
 
-    def params(self, *, limit: int, gte: int | None = None, lt: int | None = None,
-               after: str | None = None) -> dict[str, Any]:
-        params: dict[str, Any] = dict(self.fixed, limit=limit)
+    def created(self, *, gte: int | None = None, lt: int | None = None) -> dict[str, int]:
+        """The `created` range of a window, within `since`."""
         created: dict[str, int] = {}
         lower = gte if gte is not None else self.since
         if lower is not None:
             created["gte"] = max(lower, self.since) if self.since is not None else lower
         if lt is not None:
             created["lt"] = lt
+        return created
+
+    def params(self, *, limit: int, gte: int | None = None, lt: int | None = None,
+               after: str | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = dict(self.fixed, limit=limit)
+        created = self.created(gte=gte, lt=lt)
         if created:
             params["created"] = created
         if after is not None:
             params["starting_after"] = after
+        return params
+
+    def search_params(self, *, limit: int, gte: int | None, lt: int | None, page: str | None) -> dict[str, Any]:
+        """A search request for a window: `created>=gte AND created<lt` in Stripe's query language."""
+        created = self.created(gte=gte, lt=lt)
+        clauses = [f"created>={created['gte']}"] if "gte" in created else []
+        clauses += [f"created<{created['lt']}"] if "lt" in created else []
+        params: dict[str, Any] = dict(self.search_fixed, query=" AND ".join(clauses) or "created>=0", limit=limit)
+        if page is not None:
+            params["page"] = page
         return params

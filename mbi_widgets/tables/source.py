@@ -15,6 +15,7 @@ from mbi_widgets.ratelimits import RateLimits
 from mbi_widgets.redaction import redact
 from mbi_widgets.tables.fetch import (
     MAX_CREATED,
+    SEARCH_DELAY,
     STRIPE_EPOCH,
     BadAnswer,
     ChildPlan,
@@ -29,12 +30,15 @@ from mbi_widgets.tables.fetch import (
     TablePlan,
     Timeouts,
     Transport,
+    Windowing,
     next_cursor,
 )
 from mbi_widgets.tables.schema import ALL_TABLES, CHILD_TABLES, EXPECTED_TABLES, TableSchema, schema
 from mbi_widgets.tables.shape import ShapeError, Shaper
 
 Progress = Callable[[int, "int | None"], None]
+#: Tables Stripe's Search API serves (`GET /v1/{table}/search`): the search lane's candidates.
+SEARCHABLE_TABLES = frozenset({"charges", "customers", "invoices", "subscriptions"})
 
 
 def _check_key(api_key: str) -> None:
@@ -71,13 +75,30 @@ class StripeSource:
     `preview()`) in seconds; the default None sets no cap, since a large live account can take
     an hour to fetch. Both raise `FetchError` naming the table and the cursor. A client you pass
     keeps its own HTTP client's timeouts (`stripe.RequestsClient(timeout=(5, 30))`).
+
+    `search` uses Stripe's Search API as a second lane for the older `created` windows of charges,
+    customers, invoices and subscriptions (Stripe limits it separately: 20 requests/s for all search
+    endpoints, on top of 25/s per list endpoint). None (the default) uses it when the account's
+    limit is above the per-endpoint one (live mode), True always, False never. Search only reads
+    objects created more than `search_delay` seconds before Stripe's clock (default an hour:
+    Stripe indexes within a minute, later during incidents). The result is the same either way;
+    a window search cannot read (a region without search, errors) is read from the list instead.
+    `windowing` tunes how tables are cut into windows (tests and benchmarks).
     """
 
     def __init__(self, api_key: str | None = None, *, client: stripe.StripeClient | None = None,
                  account: str | None = None, api_base: str | None = None,
                  rate_limits: RateLimits | Mapping[str, float] | str | None = None, workers: int = 16,
                  retry: RetryPolicy | None = None, timeout: float | tuple[float, float] | None = None,
-                 deadline: float | None = None) -> None:
+                 deadline: float | None = None, search: bool | None = None, search_delay: float = SEARCH_DELAY,
+                 windowing: Windowing | None = None) -> None:
+        if search not in (None, True, False):
+            raise StripeSourceError(f"search is True, False or None (automatic), not {search!r}", code="invalid_option")
+        if (isinstance(search_delay, bool) or not isinstance(search_delay, (int, float))
+                or not 0 <= search_delay < float("inf")):
+            raise StripeSourceError(f"search_delay is seconds >= 0, not {search_delay!r}", code="invalid_option")
+        self._search, self._search_delay = search, search_delay
+        self._windowing = windowing or Windowing()
         #: Seconds to wait: connect and read per attempt, deadline per call (None: none).
         self.timeouts = Timeouts.coerce(timeout, deadline)
         if client is None:
@@ -176,7 +197,7 @@ class StripeSource:
         since_ts = _timestamp(since)
         plans = [self._plan(schema(parent), since=since_ts, children=children) for parent, children in parents.items()]
         job = Job(fetcher=self._fetcher(), plans=plans, workers=self._workers, floor=self._account_floor,
-                  progress=progress)
+                  progress=progress, windowing=self._windowing, search_delay=self._search_lane_delay())
         job.fetcher.cancelled = lambda: job._error is not None  # noqa: SLF001 - stop sleeping retries early
         try:
             job.run()
@@ -215,7 +236,7 @@ class StripeSource:
             plans.append(plan)
         fetcher = self._fetcher()
         job = Job(fetcher=fetcher, plans=plans, workers=self._workers, floor=self._account_floor, progress=progress,
-                  table_progress=table_progress)
+                  table_progress=table_progress, windowing=self._windowing, search_delay=self._search_lane_delay())
         fetcher.cancelled = lambda: job._error is not None  # noqa: SLF001
         deleted: dict[str, set[str]] = {name: set() for name in requests}
         try:
@@ -250,12 +271,21 @@ class StripeSource:
     def _fetcher(self) -> Fetcher:
         return Fetcher(self._transport, self._budget, self._retry, timeouts=self.timeouts)
 
+    def _search_lane_delay(self) -> float | None:
+        """How old a window must be for the search lane, or None when the lane is off."""
+        limits = self._budget.limits
+        wanted = self._search if self._search is not None else limits.per_account > limits.per_endpoint
+        return self._search_delay if wanted else None
+
     def _plan(self, table: TableSchema, *, since: int | None, children: list[str]) -> TablePlan:
         fixed: dict[str, Any] = dict(table.list_params)
         if table.name == "charges":
             fixed["expand"] = ["data.refunds"]  # not embedded by default since API version 2022-11-15
         child_plans = [self._child_plan(schema(child)) for child in children]
-        return TablePlan(table.name, table.endpoint, Shaper(table), fixed, since, child_plans)
+        searchable = table.name in SEARCHABLE_TABLES
+        return TablePlan(table.name, table.endpoint, Shaper(table), fixed, since, child_plans,
+                         search_path=f"{table.endpoint}/search" if searchable else None,
+                         search_fixed={"expand": fixed["expand"]} if searchable and "expand" in fixed else {})
 
     @staticmethod
     def _child_plan(child: TableSchema) -> ChildPlan:

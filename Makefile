@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: test demo bench install clean chromium
+.PHONY: test demo bench install clean chromium notebooks
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "mbi-widgets needs Python 3.11 or newer; set PYTHON=python3.11")'
@@ -33,6 +33,11 @@ test: $(STAMP) chromium
 
 demo: $(STAMP)
 	$(VENV)/bin/mbi-widgets demo
+
+# Re-executes the onboarding notebooks in place (their outputs are committed; the test suite checks
+# them with strict nbval). Run after a change to what they show, then review the diff.
+notebooks: $(STAMP)
+	$(PY) -m tests.notebook_tools
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.sandbox

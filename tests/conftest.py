@@ -24,6 +24,16 @@ def client(sandbox):
     return make_client(sandbox, sandbox.restricted_key)
 
 
+def pytest_collection_finish(session):
+    """Builds matplotlib's font cache before a notebook's kernel imports matplotlib: on a fresh machine,
+    a build slower than 5 s logs a warning into the cell's output, which strict nbval would report."""
+    if any(".ipynb::" in item.nodeid for item in session.items):
+        try:
+            import matplotlib.font_manager  # noqa: F401 - importing builds (and saves) the cache
+        except ImportError:  # the notebooks' own import says what is missing
+            pass
+
+
 def pytest_terminal_summary(terminalreporter):
     """Says where the browser test left its screenshots (one per step of the flow)."""
     from pathlib import Path

@@ -7,7 +7,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from mbi_widgets.registry import STATUSES
-from mbi_widgets.ui.format import BADGES, badge, countdown, duration, relative_time
+from mbi_widgets.ui.format import BADGES, TONES, badge, countdown, duration, relative_time
+from mbi_widgets.ui.frame import STYLE
 
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 
@@ -99,12 +100,14 @@ def test_countdown_never_goes_up_as_time_passes():
 
 @pytest.mark.parametrize("status", STATUSES)
 def test_every_registry_status_has_its_own_badge_colours(status):
-    background, colour = BADGES[status]
+    # Changed on purpose (issue 10): a tone class whose colours come from the front-end's theme.
+    tone = BADGES[status]
     html_badge = badge(status)
-    assert f"background:{background}" in html_badge
-    assert f"color:{colour}" in html_badge
+    assert tone in TONES
+    assert f'class="mbi-badge mbi-tone-{tone}"' in html_badge
+    assert f".mbi-tone-{tone} {{ --mbi-tone: var(--mbi-" in STYLE  # the tone is styled
     assert re.search(rf">{re.escape(status)}</span>$", html_badge)
-    assert 'class="mbi-badge"' in html_badge
+    assert "style=" not in html_badge  # no colour fixed for a background it cannot know
 
 
 def test_success_and_failure_badges_look_different():
@@ -115,7 +118,7 @@ def test_success_and_failure_badges_look_different():
 
 def test_unknown_status_gets_a_neutral_badge():
     html_badge = badge("Paused")
-    assert "background:#eef2f6" in html_badge and "color:#374151" in html_badge
+    assert "mbi-tone-neutral" in html_badge
     assert ">Paused</span>" in html_badge
 
 

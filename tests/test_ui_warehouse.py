@@ -99,7 +99,9 @@ def test_manage_data_opens_every_table_with_its_choices_and_creates_no_file(pane
     view = manage(panel, connection_id)
     assert "Data Warehouse Manager · Northwind Analytics" in shown_text(panel)
     assert panel.registry.get(connection_id).account_id in text_of(view.title) and "API key" in text_of(view.title)
-    assert [text_of(cell) for cell in view.grid.children[:len(HEAD)]] == list(HEAD)
+    # Changed on purpose (issue 10): a header row, then one row box per table (cards when the panel is narrow).
+    assert [text_of(cell) for cell in view.header.children] == list(HEAD)
+    assert list(view.grid.children) == [view.header] + [row.box for row in view.rows.values()]
     assert list(view.rows) == MBI_TABLES
     for table, row in view.rows.items():
         assert row.checkbox.value is True and row.checkbox.disabled is False
@@ -166,11 +168,11 @@ def test_unticked_tables_are_saved_filtered_and_left_out_of_the_sync(panel):
     assert view.rows["charges__refunds"].checkbox.value is False  # a child goes with its parent
     assert panel.warehouse.selection("coupons", account=account)[0] is False
     view.filter.value = SYNCED_TABLES_FILTER
-    assert all(cell.layout.display == "none" for cell in view.rows["coupons"].cells)
-    assert all(cell.layout.display == "" for cell in view.rows["customers"].cells)
+    assert view.rows["coupons"].box.layout.display == "none"
+    assert view.rows["customers"].box.layout.display == ""
     view.rows["charges__refunds"].checkbox.value = True  # ticking a child ticks its parent
     assert view.rows["charges"].checkbox.value is True
-    assert view.rows["charges"].cells[0].layout.display == ""
+    assert view.rows["charges"].box.layout.display == ""
     view.sync_button.click()
     panel.wait(60)
     assert "coupons" not in panel.connections.current.report.tables

@@ -74,6 +74,9 @@ class TableSchema:
     #: Embedded lists of this table's objects that become child tables.
     children: tuple[str, ...] = ()
     description: str = ""
+    #: The columns an analyst reads first (what the description names), in that order: previews show them
+    #: first. The DataFrame keeps the schema's order (`id` first).
+    key_columns: tuple[str, ...] = ()
 
     @property
     def column_names(self) -> list[str]:
@@ -324,6 +327,31 @@ EXPECTED_TABLES: tuple[str, ...] = ("customers", "charges", "coupons", "invoices
 CHILD_TABLES: tuple[str, ...] = ("invoices__lines", "subscriptions__items", "charges__refunds")
 ALL_TABLES: tuple[str, ...] = EXPECTED_TABLES + CHILD_TABLES
 
+#: Per table, the columns an analyst reads first (see `TableSchema.key_columns`).
+KEY_COLUMNS: dict[str, tuple[str, ...]] = {
+    "customers": ("id", "created", "email", "name", "description", "phone", "currency", "balance", "delinquent",
+                  "address__country"),
+    "charges": ("id", "created", "amount", "currency", "status", "customer", "description", "paid", "refunded",
+                "amount_refunded", "failure_code", "failure_message", "payment_intent", "receipt_email"),
+    "coupons": ("id", "created", "name", "percent_off", "amount_off", "currency", "duration", "duration_in_months",
+                "valid", "times_redeemed", "max_redemptions", "redeem_by"),
+    "invoices": ("id", "created", "customer", "customer_email", "status", "currency", "total", "amount_due",
+                 "amount_paid", "amount_remaining", "period_start", "period_end",
+                 "parent__subscription_details__subscription", "number", "billing_reason", "due_date"),
+    "plans": ("id", "created", "product", "nickname", "amount", "currency", "interval", "interval_count", "active",
+              "usage_type", "trial_period_days"),
+    "subscriptions": ("id", "created", "customer", "status", "start_date", "currency", "cancel_at_period_end",
+                      "cancel_at", "canceled_at", "ended_at", "trial_start", "trial_end", "latest_invoice"),
+    "events": ("id", "created", "type", "data__object__object", "data__object__id", "request__id",
+               "pending_webhooks", "api_version"),
+    "invoices__lines": ("invoice_id", "id", "amount", "currency", "description", "quantity", "period__start",
+                        "period__end", "pricing__price_details__price", "pricing__price_details__product",
+                        "subscription"),
+    "subscriptions__items": ("subscription_id", "id", "created", "price", "plan", "quantity", "current_period_start",
+                             "current_period_end"),
+    "charges__refunds": ("charge_id", "id", "created", "amount", "currency", "status", "reason", "payment_intent"),
+}
+
 #: Derived event columns: what the event is about, beside the object itself as JSON text.
 _EVENT_EXTRA = (Column("data__object__id", ("data", "object", "id"), "string"),
                 Column("data__object__object", ("data", "object", "object"), "string"))
@@ -342,9 +370,10 @@ def _build(spec: _Spec) -> TableSchema:
     if spec.parent_key:
         columns = [Column(spec.parent_key, (spec.parent_key,), "string"), *columns]
     key_first = sorted(columns, key=lambda c: (c.name != "id", c.name != spec.parent_key))
+    names = {column.name for column in columns}  # a field a newer stripe-python dropped is left out
     return TableSchema(spec.name, spec.title, spec.resource, tuple(key_first), "id", spec.parent,
                        spec.embedded_field, spec.parent_key, dict(spec.list_params), spec.children,
-                       spec.description)
+                       spec.description, tuple(c for c in KEY_COLUMNS.get(spec.name, ()) if c in names))
 
 
 _SPECS_BY_NAME = {spec.name: spec for spec in _SPECS}

@@ -5,13 +5,15 @@ import html
 import math
 from datetime import datetime, timezone
 
-#: Badge colours per connection status, as on MBI's Data Sources table.
+#: The tone of each connection status's badge, as on MBI's Data Sources table. A tone is a CSS class
+#: (`mbi-tone-error`) whose colours come from the front-end's theme (see `ui.frame.STYLE`).
 BADGES = {
-    "Success": ("#e6f4ea", "#1e7e34"),
-    "Pending": ("#fff4e5", "#a15c00"),
-    "Needs re-authentication": ("#fdecea", "#b42318"),
-    "Error": ("#fdecea", "#b42318"),
+    "Success": "success",
+    "Pending": "warning",
+    "Needs re-authentication": "error",
+    "Error": "error",
 }
+TONES = ("success", "warning", "error", "info", "neutral")
 
 
 def relative_time(moment: datetime | None, now: datetime | None = None) -> str:
@@ -61,11 +63,21 @@ def countdown(seconds_left: float) -> str:
 
 
 def badge(status: str, message: str | None = None) -> str:
-    """A coloured status badge; the message (server-provided) is escaped into the tooltip."""
-    background, colour = BADGES.get(status, ("#eef2f6", "#374151"))
+    """A status badge in its tone's colours; the message (server-provided) is escaped into the tooltip."""
     title = f' title="{html.escape(message)}"' if message else ""
-    return (f'<span class="mbi-badge"{title} style="background:{background};color:{colour};padding:2px 10px;'
-            f'border-radius:10px;font-weight:600;font-size:12px;white-space:nowrap">{html.escape(status)}</span>')
+    return f'<span class="mbi-badge mbi-tone-{BADGES.get(status, "neutral")}"{title}>{html.escape(status)}</span>'
+
+
+def toned(text: str, tone: str, *, tag: str = "span") -> str:
+    """`text`, escaped, in a tone's text colour (errors, warnings and notes inside a view)."""
+    if tone not in TONES:
+        raise ValueError(f"unknown tone {tone!r}: one of {', '.join(TONES)}")
+    return f'<{tag} class="mbi-text mbi-tone-{tone}">{html.escape(text)}</{tag}>'
+
+
+def muted(markup: str, *, tag: str = "span") -> str:
+    """Secondary text (already escaped markup) in the theme's quieter colour."""
+    return f'<{tag} class="mbi-muted">{markup}</{tag}>'
 
 
 def time_left(seconds: float) -> str:

@@ -9,7 +9,6 @@ secrets never enter a widget trait or the cell output.
 """
 from __future__ import annotations
 
-import html
 import logging
 import os
 import tempfile
@@ -47,7 +46,7 @@ from mbi_widgets.registry import Connection, Registry
 from mbi_widgets.secretstore import MemoryStore
 from mbi_widgets.tables.source import StripeSource
 from mbi_widgets.ui.authorization import SOURCE_TYPES, AlreadyConnectedView, AuthorizationView, GalleryView, SourceType
-from mbi_widgets.ui.format import relative_time
+from mbi_widgets.ui.format import relative_time, toned
 from mbi_widgets.ui.frame import Banner, CycleLine, title
 from mbi_widgets.ui.preview import PreviewView
 from mbi_widgets.ui.sources import COLUMNS, DataSourcesView
@@ -189,9 +188,12 @@ class ConnectionsPanel:
         while waiting, and the update cycle."""
         lines = ["Connections (widgets are not rendered here; use the methods, e.g. panel.connect_with_stripe())"]
         updated = self._last_updated()
-        for connection in self.connections.list():
+        connections = self.connections.list()
+        for connection in connections:
             lines.append(f"- {connection.name} · Stripe · {connection.status} · {auth_label(connection)} · data "
                          f"updated {relative_time(updated.get(connection.id))}")
+        if not connections:  # an export of a fresh notebook says so, like the table does
+            lines.append("No data sources yet.")
         if self.flow is not None and isinstance(self.flow.state, Waiting):
             lines.append(f"Open {self.flow.state.link} and enter the code {self.flow.state.user_code}")
         if self.cycle is not None and self.cycle.active:
@@ -262,6 +264,17 @@ class ConnectionsPanel:
 
     def connect_with_stripe(self) -> FlowState:
         """Starts a device-style authorization; shows (and prints, for non-widget front-ends) link and code."""
+        state = self._start_flow()
+        if isinstance(state, Waiting):
+            print(f"To connect Stripe, open {state.link} and confirm the code {state.user_code}")
+        return state
+
+    def _connect_clicked(self) -> None:
+        """Connect with Stripe, clicked: the view shows link and code; nothing is printed (a click's output would
+        land in JupyterLab's log console), and an error goes to the banner."""
+        self._safely(self._start_flow)
+
+    def _start_flow(self) -> FlowState:
         if self.relay_url is None:
             raise MbiError("no relay is configured: set MBI_RELAY_URL or pass relay_url=, or use a restricted key",
                            code="no_relay")
@@ -269,10 +282,7 @@ class ConnectionsPanel:
             self.flow.cancel()
         self.flow = DeviceFlow(self.relay_url)
         self.flow.observe(self._flow_changed)
-        state = self.flow.start()
-        if isinstance(state, Waiting):
-            print(f"To connect Stripe, open {state.link} and confirm the code {state.user_code}")
-        return state
+        return self.flow.start()
 
     def _flow_changed(self, state: FlowState) -> None:
         match state:
@@ -314,8 +324,7 @@ class ConnectionsPanel:
         already connected, offers to re-authenticate it with the key)."""
         outcome = self.connections.connect_with_key(key, reauth_id=self._reauth_id)
         if outcome.warning and self._authorization is not None:
-            self._authorization.key_message.value = (f"<span style='color:#a15c00'>{html.escape(outcome.warning)}"
-                                                     "</span>")
+            self._authorization.key_message.value = toned(outcome.warning, "warning")
         self._finish(outcome)
         return self.registry.get(outcome.connection.id)
 

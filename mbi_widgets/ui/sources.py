@@ -9,69 +9,91 @@ import ipywidgets as widgets
 
 from mbi_widgets.connections import auth_label
 from mbi_widgets.registry import NEEDS_REAUTH, Connection
-from mbi_widgets.ui.format import badge, duration, relative_time
+from mbi_widgets.ui.format import badge, duration, muted, relative_time
+from mbi_widgets.ui.frame import button, wrapping
 
 if TYPE_CHECKING:  # pragma: no cover
     from mbi_widgets.ui.panel import ConnectionsPanel
 
 COLUMNS = ("Name", "Connection", "Status", "Last Connection Started", "Last Connection Duration", "Last Updated",
            "Action")
-#: About 1,000 px at the narrowest, no wider than before the Last Updated column: the action buttons wrap.
-_GRID = "minmax(130px, 2fr) 80px 180px 110px 100px 100px minmax(260px, auto)"
+#: What each fact is called when a narrow panel shows the rows as cards (no header row then).
+LABELS = ("", "Connection", "", "Last connection", "Duration", "Last updated", "")
 STARTED, UPDATED = 3, 5  # the cells `refresh_times` re-words
 
 
-def _cell(content: str) -> widgets.HTML:
-    return widgets.HTML(f"<div class='mbi-cell'>{content}</div>")
+def _cell_html(content: str, label: str = "") -> str:
+    tip = f" data-label='{html.escape(label)}'" if label else ""
+    return f"<div class='mbi-cell'{tip}>{content}</div>"
+
+
+def _cell(content: str, label: str = "", *classes: str) -> widgets.HTML:
+    cell = widgets.HTML(_cell_html(content, label))
+    for name in classes:
+        cell.add_class(name)
+    return cell
 
 
 class DataSourcesView:
-    """The header with Add a Data Source, and one row per connection (`rows`, by connection id)."""
+    """The header with Add a Data Source, and one row per connection (`rows`, its cells by connection id;
+    `row_boxes`, the row itself). Rows are a grid under a header when the panel is wide, cards when narrow."""
 
     def __init__(self, panel: "ConnectionsPanel") -> None:
         self.panel = panel
-        self.add_button = widgets.Button(description="Add a Data Source", button_style="primary", icon="plus",
-                                         layout=widgets.Layout(width="170px"))
+        self.add_button = button("Add a Data Source", button_style="primary", icon="plus")
         self.add_button.on_click(lambda _: panel.show_gallery())
-        header = widgets.HBox([widgets.HTML("<h3 style='margin:0'>Data Sources</h3>"), self.add_button],
-                              layout=widgets.Layout(justify_content="space-between", align_items="center"))
+        header = wrapping([widgets.HTML("<h3 style='margin:0'>Data Sources</h3>"), self.add_button],
+                          justify_content="space-between")
         self.rows: dict[str, list[widgets.Widget]] = {}  # the rows shown now (none is stale after a delete)
+        self.row_boxes: dict[str, widgets.Box] = {}
         self.children: list[widgets.Widget] = [header, self._table()]
 
     def _table(self) -> widgets.Widget:
         connections = self.panel.connections.list()
         if not connections:
-            return widgets.HTML("<p style='color:#4b5563'>No data sources yet. Click <b>Add a Data Source</b> to "
-                                "connect Stripe.</p>")
+            return widgets.HTML(muted("No data sources yet. Click <b>Add a Data Source</b> to connect Stripe.",
+                                      tag="p"))
         updated = self.panel._last_updated()
-        cells: list[widgets.Widget] = [widgets.HTML(f"<div class='mbi-head'>{c}</div>") for c in COLUMNS]
+        head = widgets.Box([widgets.HTML(f"<div class='mbi-head'>{c}</div>") for c in COLUMNS])
+        head.add_class("mbi-row")
+        head.add_class("mbi-head-row")
+        boxes: list[widgets.Widget] = [head]
         for connection in connections:
             row = self._row(connection, updated.get(connection.id))
             self.rows[connection.id] = row
-            cells += row
-        return widgets.GridBox(cells, layout=widgets.Layout(grid_template_columns=_GRID, grid_gap="0 10px",
-                                                            align_items="center"))
+            box = widgets.Box(row)
+            box.add_class("mbi-row")
+            self.row_boxes[connection.id] = box
+            boxes.append(box)
+        table = widgets.VBox(boxes)
+        table.add_class("mbi-rows")
+        table.add_class("mbi-sources")
+        return table
 
     def _row(self, connection: Connection, last_updated: datetime | None) -> list[widgets.Widget]:
         name, account = html.escape(connection.name), html.escape(connection.account_id)
         how = html.escape(auth_label(connection))
-        return [_cell(f"<b>{name}</b><br><small style='color:#6b7280'>{account}</small>"),
-                _cell(f"{html.escape(connection.connection_type)}<br><small style='color:#6b7280'>{how}</small>"),
-                _cell(badge(connection.status, connection.status_message)),
-                _cell(relative_time(connection.last_started)),
-                _cell(duration(connection.last_duration)),
-                _cell(relative_time(last_updated)),
-                widgets.HBox(self._actions(connection), layout=widgets.Layout(flex_flow="row wrap"))]
+        actions = widgets.HBox(self._actions(connection))
+        actions.add_class("mbi-actions")
+        actions.add_class("mbi-c-wide")
+        return [_cell(f"<b>{name}</b><br>{muted(account, tag='small')}", "", "mbi-c-title"),
+                _cell(f"{html.escape(connection.connection_type)} <small class='mbi-muted mbi-sub'>{how}</small>",
+                      LABELS[1]),
+                _cell(badge(connection.status, connection.status_message), "", "mbi-c-badge"),
+                _cell(relative_time(connection.last_started), LABELS[STARTED]),
+                _cell(duration(connection.last_duration), LABELS[4]),
+                _cell(relative_time(last_updated), LABELS[UPDATED]),
+                actions]
 
     def _actions(self, connection: Connection) -> list[widgets.Widget]:
         panel = self.panel
-        preview = widgets.Button(description="Preview", icon="table", layout=widgets.Layout(width="96px"))
-        manage = widgets.Button(description="Manage Data", icon="database", layout=widgets.Layout(width="132px"),
-                                tooltip="Choose the tables and columns to sync, and sync them (Data Warehouse "
-                                        "Manager)")
-        reauth = widgets.Button(description="Re-authenticate", layout=widgets.Layout(width="126px"),
-                                button_style="warning" if connection.status == NEEDS_REAUTH else "")
-        delete = widgets.Button(description="Delete", button_style="danger", layout=widgets.Layout(width="66px"))
+        preview = button("Preview", icon="table", tooltip=f"Preview the tables of {connection.name}")
+        manage = button("Manage Data", icon="database",
+                        tooltip="Choose the tables and columns to sync, and sync them (Data Warehouse Manager)")
+        needs_reauth = connection.status == NEEDS_REAUTH
+        reauth = button("Re-authenticate", button_style="warning" if needs_reauth else "",
+                        tooltip=f"Give {connection.name} a new credential (Connect with Stripe or a restricted key)")
+        delete = button("Delete", button_style="danger", tooltip=f"Delete {connection.name}")
         preview.on_click(lambda _: panel._safely(lambda: panel._preview_clicked(connection.id)))
         manage.on_click(lambda _: panel._safely(lambda: panel.show_warehouse(connection.id)))
         reauth.on_click(lambda _: panel._safely(lambda: panel.reauthenticate(connection.id)))
@@ -79,8 +101,8 @@ class DataSourcesView:
         return [preview, manage, reauth, delete]
 
     def confirm_delete(self, connection: Connection) -> None:
-        sure = widgets.Button(description="Yes, delete", button_style="danger", layout=widgets.Layout(width="100px"))
-        keep = widgets.Button(description="Cancel", layout=widgets.Layout(width="70px"))
+        sure = button("Yes, delete", button_style="danger")
+        keep = button("Cancel")
         question = widgets.HTML(f"Delete <b>{html.escape(connection.name)}</b>?")
         self.rows[connection.id][-1].children = [question, sure, keep]
         sure.on_click(lambda _: self.panel._in_background(lambda: self.panel.delete(connection.id)))
@@ -91,5 +113,5 @@ class DataSourcesView:
         for connection in connections:
             row = self.rows.get(connection.id)
             if row is not None:
-                row[STARTED].value = f"<div class='mbi-cell'>{relative_time(connection.last_started)}</div>"
-                row[UPDATED].value = f"<div class='mbi-cell'>{relative_time(updated.get(connection.id))}</div>"
+                row[STARTED].value = _cell_html(relative_time(connection.last_started), LABELS[STARTED])
+                row[UPDATED].value = _cell_html(relative_time(updated.get(connection.id)), LABELS[UPDATED])

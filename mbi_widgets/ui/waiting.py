@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Callable
 import ipywidgets as widgets
 
 from mbi_widgets.auth import Waiting
-from mbi_widgets.ui.format import countdown
+from mbi_widgets.ui.format import countdown, muted
+from mbi_widgets.ui.frame import button, wrapping
 
 if TYPE_CHECKING:  # pragma: no cover
     from mbi_widgets.ui.panel import ConnectionsPanel
@@ -24,17 +25,17 @@ class WaitingView:
         link = html.escape(waiting.link)
         self.code_label = widgets.HTML(f"<div class='mbi-code'>{html.escape(waiting.user_code)}</div>")
         self.countdown = widgets.HTML()
-        cancel = widgets.Button(description="Cancel", icon="times")
+        cancel = button("Cancel", icon="times")
         cancel.on_click(lambda _: panel._cancel_flow())
         self.children = [
             widgets.HTML(f"<h3 style='margin:0 0 8px'>{html.escape(heading)}</h3>"
-                         f"<p>1. Open <a href='{link}' target='_blank' rel='noopener' "
-                         f"style='color:#1d4ed8;text-decoration:underline;font-weight:600'>{link}</a> "
+                         f"<p>1. Open <a href='{link}' target='_blank' rel='noopener' class='mbi-link' "
+                         f"style='font-weight:600'>{link}</a> "
                          "(it opens in a new tab).</p><p>2. Check that it shows this code, then sign in with "
                          "Stripe:</p>"),
             self.code_label, self.countdown,
-            widgets.HTML("<p style='color:#4b5563'>This panel notices the approval by itself; the notebook stays "
-                         "usable meanwhile.</p>"), cancel]
+            widgets.HTML(muted("This panel notices the approval by itself; the notebook stays usable meanwhile.",
+                               tag="p")), cancel]
         self.ticker = threading.Thread(target=self._tick, args=(waiting, still_waiting), name="mbi-countdown",
                                        daemon=True)
         self.ticker.start()
@@ -49,8 +50,8 @@ class RetryView:
     """Try again (the same authorization: new, or re-authenticating) or go back to Data Sources."""
 
     def __init__(self, panel: "ConnectionsPanel") -> None:
-        retry = widgets.Button(description="Try again", button_style="primary", icon="redo")
+        retry = button("Try again", button_style="primary", icon="redo")
         retry.on_click(lambda _: panel.show_authorization(reauth_id=panel._reauth_id))
-        back = widgets.Button(description="Back to Data Sources")
+        back = button("Back to Data Sources", icon="arrow-left")
         back.on_click(lambda _: (panel._set_banner(), panel._leave_authorization()))
-        self.children = [widgets.HBox([retry, back])]
+        self.children = [wrapping([retry, back])]

@@ -12,7 +12,8 @@ import ipywidgets as widgets
 from mbi_widgets.connections import NeedsReauthentication, SyncInProgress, SyncRun, TableState, auth_label
 from mbi_widgets.errors import MbiError
 from mbi_widgets.registry import NEEDS_REAUTH
-from mbi_widgets.ui.format import badge, count, duration, period, relative_time, timestamp
+from mbi_widgets.ui.format import badge, count, duration, muted, period, relative_time, timestamp, toned
+from mbi_widgets.ui.frame import button, wrapping
 
 if TYPE_CHECKING:  # pragma: no cover
     from mbi_widgets.connections import UpdateCycle
@@ -21,16 +22,17 @@ if TYPE_CHECKING:  # pragma: no cover
 
 HEAD = ("Sync", "Table", "Columns", "Rows", "Deleted rows", "Last sync", "Duration", "Mode",
         "Last data point received", "Progress")
-#: About 1,030 px at the narrowest, like the Data Sources table.
-_GRID = "36px minmax(130px, 1.4fr) 100px 64px 64px 96px 96px 86px 150px 160px"
+#: What each fact is called when a narrow panel shows the tables as cards (no header row then).
+LABELS = ("", "", "", "Rows", "Deleted rows", "Last sync", "Duration", "Mode", "Last data point received", "")
 ALL_TABLES_FILTER, SYNCED_TABLES_FILTER = "All Tables", "Synced Tables"
 #: The update cycles offered (seconds; 0 is off). A period set from Python is added when shown.
 CYCLES = ((0, "Off"), (900, "every 15 minutes"), (3_600, "every hour"), (21_600, "every 6 hours"), (86_400, "every day"))
 
 
-def _cell(content: str, title: str | None = None) -> str:
+def _cell(content: str, title: str | None = None, label: str = "") -> str:
     tip = f' title="{html.escape(title)}"' if title else ""
-    return f"<div class='mbi-cell'{tip}>{content}</div>"
+    named = f" data-label='{html.escape(label)}'" if label else ""
+    return f"<div class='mbi-cell'{tip}{named}>{content}</div>"
 
 
 class TableRow:
@@ -40,39 +42,47 @@ class TableRow:
         self.table, self.title = state.table, state.title
         self.checkbox = widgets.Checkbox(value=state.synced, indent=False, description="",
                                          tooltip=f"Sync {state.title}", layout=widgets.Layout(width="24px"))
+        self.checkbox.add_class("mbi-c-check")
         self.checkbox.observe(lambda change: view._synced_changed(self.table, change["new"]), names="value")
         child = "&nbsp;&nbsp;↳ " if state.parent else ""
         self.label = widgets.HTML(_cell(f"{child}<b>{html.escape(state.title)}</b><br>"
-                                        f"<small style='color:#6b7280'><code>{html.escape(state.table)}</code></small>"))
-        self.columns_button = widgets.Button(tooltip=f"Choose the columns of {state.title} to sync",
-                                             layout=widgets.Layout(width="96px"))
+                                        + muted(f"<code>{html.escape(state.table)}</code>", tag="small")))
+        self.label.add_class("mbi-c-title")
+        self.columns_button = button("", icon="columns", tooltip=f"Choose the columns of {state.title} to sync",
+                                     classes=("mbi-c-columns",))
         self.columns_button.on_click(lambda _: view.open_picker(self.table))
         self.rows, self.deleted, self.last_sync, self.duration, self.mode, self.last_point = (
             widgets.HTML() for _ in range(6))
-        self.progress = widgets.IntProgress(value=0, min=0, max=1, layout=widgets.Layout(width="150px",
-                                                                                         visibility="hidden"))
+        self.progress = widgets.IntProgress(value=0, min=0, max=1, layout=widgets.Layout(
+            width="100%", max_width="160px", visibility="hidden"))
         self.progress_label = widgets.HTML()
         self.expected: int | None = None
+        # Shown only while a sync writes this table (the last cell: hiding it moves no other column).
+        self.progress_cell = widgets.VBox([self.progress, self.progress_label], layout=widgets.Layout(display="none"))
+        self.progress_cell.add_class("mbi-progress-cell")
         self.cells: list[widgets.Widget] = [
             self.checkbox, self.label, self.columns_button, self.rows, self.deleted, self.last_sync, self.duration,
-            self.mode, self.last_point, widgets.VBox([self.progress, self.progress_label])]
+            self.mode, self.last_point, self.progress_cell]
+        self.box = widgets.Box(self.cells)
+        self.box.add_class("mbi-row")
         self.show(state)
 
     def show(self, state: TableState) -> None:
         self.columns_button.description = f"{len(state.columns)} of {len(state.all_columns)}"
-        self.rows.value = _cell(count(state.rows))
-        self.deleted.value = _cell(count(state.deleted_rows))
-        self.last_sync.value = _cell(relative_time(state.last_sync))
-        self.duration.value = _cell(duration(state.duration) if state.last_sync else "—")
-        self.mode.value = _cell(html.escape(state.mode or "—"), state.why)
-        self.last_point.value = _cell(timestamp(state.last_data_point))
+        self.rows.value = _cell(count(state.rows), label=LABELS[3])
+        self.deleted.value = _cell(count(state.deleted_rows), label=LABELS[4])
+        self.last_sync.value = _cell(relative_time(state.last_sync), label=LABELS[5])
+        self.duration.value = _cell(duration(state.duration) if state.last_sync else "—", label=LABELS[6])
+        self.mode.value = _cell(html.escape(state.mode or "—"), state.why, label=LABELS[7])
+        self.last_point.value = _cell(timestamp(state.last_data_point), label=LABELS[8])
 
     def _label(self, text: str) -> None:
-        self.progress_label.value = f"<small style='color:#4b5563'>{html.escape(text)}</small>"
+        self.progress_label.value = muted(html.escape(text), tag="small")
 
     def start(self, in_sync: bool, expected: int | None) -> None:
         self.expected = expected
         self.progress.layout.visibility = "visible" if in_sync else "hidden"
+        self.progress_cell.layout.display = "" if in_sync else "none"
         self.progress.bar_style = "info"
         self.progress.max, self.progress.value = max(1, expected or 1), 0
         self._label("Waiting…" if in_sync else "")
@@ -107,22 +117,21 @@ class ColumnPicker:
             box.observe(lambda _: view._columns_changed(self.table), names="value")
             self.checkboxes[column] = box
         self.required = state.required
-        self.all_button = widgets.Button(description="Select all", layout=widgets.Layout(width="110px"))
-        self.required_button = widgets.Button(description="Only required", layout=widgets.Layout(width="120px"),
-                                              tooltip=f"Only {', '.join(state.required)}")
-        done = widgets.Button(description="Done", layout=widgets.Layout(width="70px"))
+        self.all_button = button("Select all")
+        self.required_button = button("Only required", tooltip=f"Only {', '.join(state.required)}")
+        done = button("Done")
         self.all_button.on_click(lambda _: view._set_all_columns(self.table, everything=True))
         self.required_button.on_click(lambda _: view._set_all_columns(self.table, everything=False))
         done.on_click(lambda _: view.close_picker())
         required = ", ".join(f"<code>{html.escape(c)}</code>" for c in state.required)
         self.box = widgets.VBox([
-            widgets.HTML(f"<h4 style='margin:8px 0 4px'>Columns of {html.escape(state.title)}</h4><p "
-                         f"style='color:#4b5563;margin:0'>{required} are always synced. Unticked columns leave the "
-                         "warehouse now; ticked ones arrive with the next sync, which re-reads the table whole.</p>"),
-            widgets.HBox([self.all_button, self.required_button, done]),
+            widgets.HTML(f"<h4 style='margin:8px 0 4px'>Columns of {html.escape(state.title)}</h4>"
+                         + muted(f"{required} are always synced. Unticked columns leave the warehouse now; ticked ones "
+                                 "arrive with the next sync, which re-reads the table whole.", tag="p")),
+            wrapping([self.all_button, self.required_button, done]),
             widgets.GridBox(list(self.checkboxes.values()),
-                            layout=widgets.Layout(grid_template_columns="repeat(auto-fill, minmax(240px, 1fr))"))],
-            layout=widgets.Layout(border="1px solid #e5e7eb", padding="4px 10px", margin="8px 0"))
+                            layout=widgets.Layout(grid_template_columns="repeat(auto-fill, minmax(200px, 1fr))"))])
+        self.box.add_class("mbi-box")
 
     def chosen(self) -> list[str]:
         return [column for column, box in self.checkboxes.items() if box.value]
@@ -142,22 +151,21 @@ class WarehouseView:
         self.run: SyncRun | None = None
         self._finished_run: SyncRun | None = None
         self.title = widgets.HTML()
-        self.reauth_button = widgets.Button(description="Re-authenticate", button_style="warning",
-                                            layout=widgets.Layout(width="140px", display="none"))
+        self.reauth_button = button("Re-authenticate", button_style="warning", layout=widgets.Layout(display="none"))
         self.reauth_button.on_click(lambda _: panel._safely(lambda: panel.reauthenticate(self.connection_id)))
-        self.sync_button = widgets.Button(description="Sync now", button_style="primary", icon="refresh",
-                                          tooltip="Bring the synced tables up to date (incrementally where possible)")
-        self.full_button = widgets.Button(description="Force a full refresh", icon="repeat",
-                                          layout=widgets.Layout(width="170px"),
-                                          tooltip="Re-read every synced table whole from Stripe")
+        self.sync_button = button("Sync now", button_style="primary", icon="refresh", classes=("mbi-sync",),
+                                  tooltip="Bring the synced tables up to date (incrementally where possible)")
+        self.full_button = button("Force a full refresh", icon="repeat",
+                                  tooltip="Re-read every synced table whole from Stripe")
         self.sync_button.on_click(lambda _: self._sync_clicked(full=False))
         self.full_button.on_click(lambda _: self._sync_clicked(full=True))
         self.cycle = widgets.Dropdown(options=[(label, seconds) for seconds, label in CYCLES], value=0,
-                                      description="Update cycle", layout=widgets.Layout(width="260px"),
+                                      description="Update cycle", layout=widgets.Layout(width="auto"),
                                       style={"description_width": "initial"},
                                       tooltip="Sync every connection on a schedule while this kernel runs")
         self.cycle.observe(self._cycle_changed, names="value")
-        self.filter = widgets.ToggleButtons(options=(ALL_TABLES_FILTER, SYNCED_TABLES_FILTER), value=ALL_TABLES_FILTER)
+        self.filter = widgets.ToggleButtons(options=(ALL_TABLES_FILTER, SYNCED_TABLES_FILTER), value=ALL_TABLES_FILTER,
+                                            style={"button_width": "auto"})
         self.filter.observe(lambda _: self._apply_filter(), names="value")
         self.message = widgets.HTML()
         self.summary = widgets.HTML()
@@ -165,16 +173,21 @@ class WarehouseView:
         self.picker_box = widgets.VBox()
         self.states = {state.table: state for state in panel.connections.table_states(connection_id)}
         self.rows = {table: TableRow(self, state) for table, state in self.states.items()}
-        head = [widgets.HTML(f"<div class='mbi-head'>{name}</div>") for name in HEAD]
-        self.grid = widgets.GridBox(head + [cell for row in self.rows.values() for cell in row.cells],
-                                    layout=widgets.Layout(grid_template_columns=_GRID, grid_gap="0 8px",
-                                                          align_items="center"))
-        back = widgets.Button(description="Back to Data Sources", icon="arrow-left")
+        self.header = widgets.Box([widgets.HTML(f"<div class='mbi-head'>{name}</div>") for name in HEAD])
+        self.header.add_class("mbi-row")
+        self.header.add_class("mbi-head-row")
+        self.grid = widgets.VBox([self.header] + [row.box for row in self.rows.values()])
+        self.grid.add_class("mbi-rows")
+        self.grid.add_class("mbi-tables")
+        back = button("Back to Data Sources", icon="arrow-left")
         back.on_click(lambda _: panel.show_data_sources())
-        toolbar = widgets.HBox([self.sync_button, self.full_button, self.cycle],
-                               layout=widgets.Layout(align_items="center", flex_flow="row wrap"))
-        self.children = [widgets.HBox([self.title, self.reauth_button], layout=widgets.Layout(align_items="center")),
-                         toolbar, self.filter, self.grid, self.picker_box, self.message, self.summary, back]
+        toolbar = wrapping([self.sync_button, self.full_button, self.cycle])
+        heading = wrapping([self.title, self.reauth_button])
+        self.title.add_class("mbi-grow")
+        self.widget = widgets.VBox([heading, toolbar, self.filter, self.grid, self.picker_box, self.message,
+                                    self.summary, back])
+        self.widget.add_class("mbi-warehouse")
+        self.children = [self.widget]
         self.show_title()
         self.show_cycle(panel.cycle)
 
@@ -185,7 +198,7 @@ class WarehouseView:
         updated = self.panel._last_updated().get(self.connection_id)
         self.name = connection.name
         self.title.value = (f"<h3 style='margin:0 0 4px'>Data Warehouse Manager · {html.escape(connection.name)}</h3>"
-                            f"<p style='margin:0 0 8px;color:#4b5563'>{html.escape(connection.account_id)} · "
+                            f"<p class='mbi-muted' style='margin:0 0 8px'>{html.escape(connection.account_id)} · "
                             f"{html.escape(auth_label(connection))} · {badge(connection.status, connection.status_message)}"
                             f" · Last updated {relative_time(updated)}</p>")
         self.reauth_button.layout.display = "" if connection.status == NEEDS_REAUTH else "none"
@@ -210,9 +223,7 @@ class WarehouseView:
     def _apply_filter(self) -> None:
         only_synced = self.filter.value == SYNCED_TABLES_FILTER
         for row in self.rows.values():
-            shown = row.checkbox.value or not only_synced
-            for cell in row.cells:
-                cell.layout.display = "" if shown else "none"
+            row.box.layout.display = "" if row.checkbox.value or not only_synced else "none"
 
     @contextmanager
     def _quiet(self) -> Iterator[None]:
@@ -224,8 +235,7 @@ class WarehouseView:
             self._muted = muted
 
     def _say(self, text: str, kind: str = "error") -> None:
-        colour = {"error": "#b42318", "info": "#1d4ed8", "success": "#1e7e34"}[kind]
-        self.message.value = f"<p style='color:{colour};font-weight:600'>{html.escape(text)}</p>" if text else ""
+        self.message.value = toned(text, kind, tag="p") if text else ""
 
     # --- choosing tables and columns -----------------------------------------------------------------
 
@@ -360,8 +370,9 @@ def summary_html(report: "SyncReport", name: str) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(t.table)}</td><td title=\"{html.escape(t.reason)}\">{html.escape(t.mode)}</td>"
         f"<td>{t.added:,}</td><td>{t.updated:,}</td><td>{t.deleted:,}</td><td>{t.rows:,}</td><td>{t.requests:,}</td>"
-        f"<td style='color:#4b5563'>{html.escape(t.reason)}</td></tr>" for t in report.tables.values())
+        f"<td>{muted(html.escape(t.reason))}</td></tr>" for t in report.tables.values())
     rows += "".join(f"<tr><td>{html.escape(table)}</td><td>skipped</td><td colspan='5'></td>"
-                    f"<td style='color:#a15c00'>{html.escape(why)}</td></tr>" for table, why in report.skipped.items())
-    return (head + "<table class='mbi-frame mbi-summary'><tr><th>table</th><th>mode</th><th>added</th>"
-            "<th>updated</th><th>deleted</th><th>rows</th><th>requests</th><th>why</th></tr>" + rows + "</table>")
+                    f"<td>{toned(why, 'warning')}</td></tr>" for table, why in report.skipped.items())
+    return (head + "<div class='mbi-frame-scroll'><table class='mbi-frame mbi-summary'><tr><th>table</th><th>mode</th>"
+            "<th>added</th><th>updated</th><th>deleted</th><th>rows</th><th>requests</th><th>why</th></tr>" + rows
+            + "</table></div>")

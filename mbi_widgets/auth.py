@@ -406,8 +406,12 @@ KEY_CHECK_TIMEOUT = (5.0, 15.0)
 
 
 def validate_key(api_key: str, *, api_base: str | None = None,
-                 timeout: float | tuple[float, float] = KEY_CHECK_TIMEOUT) -> KeyCheck:
-    """Checks a pasted key by calling the API; raises AuthError saying what to create instead."""
+                 timeout: float | tuple[float, float] = KEY_CHECK_TIMEOUT, warn: bool = True) -> KeyCheck:
+    """Checks a pasted key by calling the API; raises AuthError saying what to create instead.
+
+    A full secret key is accepted with `KeyCheck.warning`, also issued as a Python warning unless
+    `warn` is False (the panel shows it itself, and a warning would land in JupyterLab's log console).
+    """
     _refuse_malformed(api_key)
     key = api_key.strip()  # whitespace pasted around the key is forgiven; inside it is refused below
     if key.startswith("pk_"):
@@ -425,7 +429,8 @@ def validate_key(api_key: str, *, api_base: str | None = None,
         method = "secret_key"
         warning = ("This is a full secret key: it can also move money. Prefer a restricted key with read-only "
                    "access (Developers > API keys > Create restricted key).")
-        warnings.warn(warning, stacklevel=2)
+        if warn:
+            warnings.warn(warning, stacklevel=2)
     elif name is None:  # a restricted key that may not read the account: name it after what it reads
         access = table_access(key, api_base=api_base, timeout=timeout)
         name = access.name(account_id)

@@ -272,7 +272,7 @@ class Connections:
         """Checks a restricted (or secret) key with Stripe, then saves it: as a new connection, on the
         connection `reauth_id`, or not at all when its account is already connected. Raises AuthError
         (a publishable key, a wrong key) with what to create instead."""
-        check = validate_key(key, api_base=self.api_base)
+        check = validate_key(key, api_base=self.api_base, warn=False)  # the outcome carries the warning
         grant = _Grant(account_id=check.account_id, account_name=check.account_name, livemode=check.livemode,
                        auth_method=check.auth_method,
                        scope="read_only" if check.auth_method == "restricted_key" else "full",

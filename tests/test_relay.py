@@ -546,17 +546,21 @@ def test_validate_key_rejects_a_wrong_key(sandbox, key):
 
 
 def test_validate_key_accepts_a_key_without_account_permission(sandbox):
+    """Changed on purpose (issue 10): the account is the one Stripe names in its refusal, not "unknown"."""
     key = sandbox.create_restricted_key({"customers"})
     check = validate_key(key, api_base=sandbox.api_url)
     assert check.auth_method == "restricted_key"
-    assert check.account_id == "unknown"
+    assert check.account_id == sandbox.accounts[0].id
+    assert check.account_name == f"{sandbox.accounts[0].id} · Customers"
+    assert "cannot read Charges" in check.warning
 
 
-def test_validate_key_refuses_a_key_that_can_read_neither_the_account_nor_customers(sandbox):
-    key = sandbox.create_restricted_key({"charges"})
+def test_validate_key_refuses_a_key_that_can_read_neither_the_account_nor_any_table(sandbox):
+    key = sandbox.create_restricted_key(set())
     with pytest.raises(AuthError) as refused:
         validate_key(key, api_base=sandbox.api_url)
     assert refused.value.code == "key_refused"
+    assert "rak_customer_read" in str(refused.value) and key not in str(refused.value)
 
 
 # --- the command line -------------------------------------------------------------------------------------------------

@@ -12,8 +12,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from mbi_widgets.redaction import redact
+from mbi_widgets.sandbox import expand, render
 from mbi_widgets.sandbox.render import API_VERSION
-from mbi_widgets.sandbox.store import Collection, Dataset, Record, list_body, with_customer
+from mbi_widgets.sandbox.store import Collection, Dataset, Record, list_body
 
 if TYPE_CHECKING:
     from mbi_widgets.sandbox.server import SandboxState
@@ -89,29 +91,22 @@ def _integer(value: Any, param: str) -> int:
 
 @dataclass(frozen=True)
 class ListSpec:
-    """What a Stripe list endpoint accepts."""
+    """What a Stripe list endpoint accepts (expansions: `mbi_widgets.sandbox.expand`)."""
 
     filters: frozenset[str]
-    expand: frozenset[str] = frozenset()
-    #: Expansions Stripe accepts that change nothing here (the data is already embedded).
-    expand_noop: frozenset[str] = frozenset()
     created: bool = True
 
 
 _COMMON = {"limit", "starting_after", "ending_before", "expand"}
 LISTS: dict[str, ListSpec] = {
     "customers": ListSpec(frozenset({"email", "test_clock"})),
-    "charges": ListSpec(frozenset({"customer", "payment_intent", "transfer_group"}),
-                        frozenset({"data.customer"}), frozenset({"data.refunds"})),
+    "charges": ListSpec(frozenset({"customer", "payment_intent", "transfer_group"})),
     "coupons": ListSpec(frozenset()),
-    "invoices": ListSpec(frozenset({"customer", "status", "subscription", "collection_method", "due_date"}),
-                         frozenset({"data.customer"}), frozenset({"data.lines"})),
-    "plans": ListSpec(frozenset({"active", "product"}), expand_noop=frozenset({"data.tiers"})),
-    "prices": ListSpec(frozenset({"active", "product", "type", "currency", "lookup_keys"}),
-                       expand_noop=frozenset({"data.tiers"})),
+    "invoices": ListSpec(frozenset({"customer", "status", "subscription", "collection_method", "due_date"})),
+    "plans": ListSpec(frozenset({"active", "product"})),
+    "prices": ListSpec(frozenset({"active", "product", "type", "currency", "lookup_keys"})),
     "products": ListSpec(frozenset({"active", "ids", "shippable", "url"})),
-    "subscriptions": ListSpec(frozenset({"customer", "price", "plan", "status", "collection_method"}),
-                              frozenset({"data.customer"}), frozenset({"data.items"})),
+    "subscriptions": ListSpec(frozenset({"customer", "price", "plan", "status", "collection_method"})),
     "refunds": ListSpec(frozenset({"charge", "payment_intent"})),
     "events": ListSpec(frozenset({"type", "types", "delivery_success"})),
 }
@@ -119,7 +114,7 @@ LISTS: dict[str, ListSpec] = {
 SUBLISTS = {"lines": ("invoice_lines", "invoice"), "refunds": ("charge_refunds", "charge")}
 _NOUNS = {"customers": "customer", "charges": "charge", "coupons": "coupon", "invoices": "invoice",
           "plans": "plan", "prices": "price", "products": "product", "subscriptions": "subscription",
-          "refunds": "refund", "events": "event", "subscription_items": "subscription_item", "lines": "line_item"}
+          "refunds": "refund", "events": "event", "subscription_items": "subscription_item", "lines": "line_item", "accounts": "account"}
 #: Filters that compare one stored attribute (list values mean "any of"): list -> param -> attribute.
 _EQUALITY_FILTERS = {
     "charges": {"payment_intent": "payment_intent", "transfer_group": "transfer_group"},
@@ -141,7 +136,8 @@ class ListQuery:
     limit: int = 10
     starting_after: str | None = None
     ending_before: str | None = None
-    expand_customer: bool = False
+    #: The checked `expand[]` paths (None: serve the stored bytes as they are).
+    expansions: expand.Plan | None = None
     created: tuple[int | None, int | None, int | None, int | None] = (None, None, None, None)
     keep: Callable[[Record], bool] | None = None
 
@@ -265,11 +261,7 @@ def parse_list_query(resource: str, spec: ListSpec, params: dict[str, Any], coll
                 raise StripeHTTPError(400, f"No such {_NOUNS.get(resource, 'object')}: '{value}'",
                                       code="resource_missing", param=cursor)
             setattr(query, cursor, value)
-    for expansion in _expansions(params):
-        if expansion in spec.expand:
-            query.expand_customer = True
-        elif expansion not in spec.expand_noop:
-            raise StripeHTTPError(400, f"This property cannot be expanded ({expansion}).", param="expand")
+    query.expansions = expand.plan(_NOUNS.get(resource, resource), _expansions(params), listing=True)
     if "created" in params:
         query.created = _created_window(params["created"])
     checks = _filters(resource, params)
@@ -279,19 +271,6 @@ def parse_list_query(resource: str, spec: ListSpec, params: dict[str, Any], coll
 
 
 # --- handlers ----------------------------------------------------------------------------------
-
-def _customer_expander(dataset: Dataset) -> Callable[[Record], bytes]:
-    customers = dataset.collections["customers"]
-    deleted = dataset.deleted.get("customers", {})
-
-    def expand(record: Record) -> bytes:
-        customer_id = record.attrs.get("customer")
-        found = customers.get(customer_id) if isinstance(customer_id, str) else None
-        # A deleted customer expands to its stub ({"id", "object", "deleted": true}), as in Stripe.
-        return with_customer(record, found.body if found else deleted.get(customer_id))  # type: ignore[arg-type]
-
-    return expand
-
 
 def list_page(dataset: Dataset, resource: str, params: dict[str, Any], *, window_start: int | None = None) -> bytes:
     spec = LISTS[resource]
@@ -303,16 +282,16 @@ def list_page(dataset: Dataset, resource: str, params: dict[str, Any], *, window
     lo, hi = collection.created_bounds(gt, gte, lt, lte)
     page = collection.page(limit=query.limit, lo=lo, hi=hi, starting_after=query.starting_after,
                            ending_before=query.ending_before, keep=query.keep)
-    expander = _customer_expander(dataset) if query.expand_customer else None
-    return list_body(f"/v1/{resource}", page.records, page.has_more, expander)
+    return list_body(f"/v1/{resource}", page.records, page.has_more,
+                     bodies=expand.bodies(dataset, page.records, query.expansions))
 
 
-def sublist_page(collection: Collection, url: str, noun: str, params: dict[str, Any]) -> bytes:
+def sublist_page(dataset: Dataset, collection: Collection, url: str, noun: str, params: dict[str, Any]) -> bytes:
     spec = ListSpec(frozenset(), created=False)
     query = parse_list_query(noun, spec, params, collection)
     page = collection.page(limit=query.limit, starting_after=query.starting_after,
                            ending_before=query.ending_before)
-    return list_body(url, page.records, page.has_more)
+    return list_body(url, page.records, page.has_more, bodies=expand.bodies(dataset, page.records, query.expansions))
 
 
 def retrieve(dataset: Dataset, resource: str, object_id: str, params: dict[str, Any], *,
@@ -332,13 +311,8 @@ def retrieve(dataset: Dataset, resource: str, object_id: str, params: dict[str, 
             return stub
     if record is None or (window_start is not None and record.created < window_start):
         raise StripeHTTPError(404, f"No such {_NOUNS[resource]}: '{object_id}'", code="resource_missing", param="id")
-    expand_customer = False
-    for expansion in _expansions(params):
-        if expansion == "customer" and resource in ("charges", "invoices", "subscriptions"):
-            expand_customer = True
-        elif not (expansion in ("refunds", "lines", "items", "tiers")):
-            raise StripeHTTPError(400, f"This property cannot be expanded ({expansion}).", param="expand")
-    return _customer_expander(dataset)(record) if expand_customer else record.body
+    expansions = expand.plan(_NOUNS[resource], _expansions(params), listing=False)
+    return expand.bodies(dataset, [record], expansions)[0]
 
 
 RESOURCE_PERMISSIONS = {name: name for name in LISTS} | {"subscription_items": "subscriptions",
@@ -352,6 +326,45 @@ def routes(state: "SandboxState") -> list[Route]:
         _, dataset = await state.authorize(request, "account", "account")
         return stripe_response(dataset.account)
 
+    def visible_accounts(principal: Any) -> list[str]:
+        """The accounts a key may read: its own, and a platform's connected accounts."""
+        own = [principal.account_id]
+        return own + sorted(state.credentials.connected - set(own)) if principal.platform else own
+
+    def account_record(account_id: str) -> Record:
+        body = render.account(state.profile(account_id))
+        return Record(account_id, body["created"], orjson.dumps(body))
+
+    async def list_accounts(request: Request) -> Response:
+        # Stripe lists the platform's connected accounts (never the platform itself); others have none.
+        principal, dataset = await state.authorize(request, "account", "accounts.list")
+        connected = [a for a in visible_accounts(principal) if a != principal.account_id]
+        collection = Collection([account_record(a) for a in connected])
+        params = parse_params(request.url.query)
+        query = parse_list_query("accounts", ListSpec(frozenset()), params, collection)
+        lo, hi = collection.created_bounds(*query.created)
+        page = collection.page(limit=query.limit, lo=lo, hi=hi, starting_after=query.starting_after,
+                               ending_before=query.ending_before)
+        return stripe_response(list_body("/v1/accounts", page.records, page.has_more,
+                                         bodies=expand.bodies(dataset, page.records, query.expansions)))
+
+    async def retrieve_account(request: Request) -> Response:
+        principal, dataset = await state.authorize(request, "account", "accounts.retrieve")
+        account_id = request.path_params["account_id"]
+        params = parse_params(request.url.query)
+        unknown = sorted(set(params) - {"expand"})
+        if unknown:
+            raise StripeHTTPError(400, f"Received unknown parameter: {unknown[0]}", param=unknown[0])
+        wanted = request.headers.get("stripe-account") or principal.account_id
+        if account_id != wanted and account_id not in visible_accounts(principal):
+            raise StripeHTTPError(
+                403, f"The provided key '{redact(principal.key)}' does not have access to account "
+                f"'{account_id}' (or that account does not exist). Application access may have been revoked.",
+                code="account_invalid")
+        record = account_record(account_id)
+        expansions = expand.plan("account", _expansions(params), listing=False)
+        return stripe_response(expand.bodies(dataset, [record], expansions)[0])
+
     async def list_resource(request: Request) -> Response:
         resource = request.path_params["resource"]
         params = parse_params(request.url.query)
@@ -364,7 +377,7 @@ def routes(state: "SandboxState") -> list[Route]:
             if items is None:
                 raise StripeHTTPError(404, f"No such subscription: '{subscription}'", code="resource_missing",
                                       param="subscription")
-            return stripe_response(sublist_page(items, "/v1/subscription_items", "subscription_items", params))
+            return stripe_response(sublist_page(dataset, items, "/v1/subscription_items", "subscription_items", params))
         if resource not in LISTS:
             raise _unrecognised(request)
         principal, dataset = await state.authorize(request, resource, f"{resource}.list")
@@ -393,10 +406,12 @@ def routes(state: "SandboxState") -> list[Route]:
                 raise StripeHTTPError(404, f"No such {noun}: '{object_id}'", code="resource_missing", param="id")
             collection = Collection([], newest_first=False)
         url = f"/v1/{parent}/{object_id}/{kind}"
-        return stripe_response(sublist_page(collection, url, kind, parse_params(request.url.query)))
+        return stripe_response(sublist_page(dataset, collection, url, kind, parse_params(request.url.query)))
 
     return [
         Route("/v1/account", account, methods=["GET"]),
+        Route("/v1/accounts", list_accounts, methods=["GET"]),
+        Route("/v1/accounts/{account_id}", retrieve_account, methods=["GET"]),
         Route("/v1/{resource}", list_resource, methods=["GET"]),
         Route("/v1/{resource}/{object_id}", retrieve_resource, methods=["GET"]),
         Route("/v1/{parent}/{object_id}/{kind}", sublist, methods=["GET"]),

@@ -55,10 +55,30 @@ def account(profile: AccountProfile) -> dict:
         "capabilities": {"card_payments": "active", "transfers": "active"},
         "charges_enabled": True, "controller": {"type": "account"}, "country": profile.country,
         "created": profile.created, "default_currency": profile.currency, "details_submitted": True,
-        "email": profile.email, "metadata": {}, "payouts_enabled": True,
-        "settings": {"dashboard": {"display_name": profile.business_name, "timezone": "Etc/UTC"}},
+        "email": profile.email,
+        "external_accounts": list_object(f"/v1/accounts/{profile.id}/external_accounts", []),
+        "future_requirements": _no_requirements(), "metadata": {}, "payouts_enabled": True,
+        "requirements": _no_requirements(),
+        "settings": {"branding": {"icon": None, "logo": None, "primary_color": None, "secondary_color": None},
+                     "card_payments": {"decline_on": {"avs_failure": False, "cvc_failure": False},
+                                       "statement_descriptor_prefix": None,
+                                       "statement_descriptor_prefix_kana": None,
+                                       "statement_descriptor_prefix_kanji": None},
+                     "dashboard": {"display_name": profile.business_name, "timezone": "Etc/UTC"},
+                     "invoices": {"default_account_tax_ids": None, "hosted_payment_method_save": "offer"},
+                     "payments": {"statement_descriptor": profile.statement_descriptor,
+                                  "statement_descriptor_kana": None, "statement_descriptor_kanji": None},
+                     "payouts": {"debit_negative_balances": True,
+                                 "schedule": {"delay_days": 2, "interval": "daily"},
+                                 "statement_descriptor": None}},
+        "tos_acceptance": {"date": profile.created, "ip": None, "user_agent": None},
         "type": "standard",
     }
+
+
+def _no_requirements() -> dict:
+    return {"alternatives": [], "current_deadline": None, "currently_due": [], "disabled_reason": None,
+            "errors": [], "eventually_due": [], "past_due": [], "pending_verification": []}
 
 
 def product(p: Product, at: int) -> dict:
@@ -408,9 +428,14 @@ def complete_events(history: "History", ids: Any, window_start: int) -> None:
 
 
 def event(ev: Event) -> dict:
-    data: dict[str, Any] = {"object": render_at(ev.subject, ev.created)}
-    if ev.previous_attributes is not None:
-        data["previous_attributes"] = ev.previous_attributes
+    obj = render_at(ev.subject, ev.created)
+    previous = ev.previous_attributes
+    if isinstance(ev.subject, Charge):  # includable fields never ride in event payloads
+        obj.pop("refunds", None)
+        previous = None if previous is None else {k: v for k, v in previous.items() if k != "refunds"}
+    data: dict[str, Any] = {"object": obj}
+    if previous is not None:
+        data["previous_attributes"] = previous
     return {
         "id": ev.id, "object": "event", "api_version": API_VERSION, "created": ev.created,
         "data": data, "livemode": False, "pending_webhooks": 0,

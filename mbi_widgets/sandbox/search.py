@@ -33,14 +33,13 @@ from starlette.routing import Route
 
 from mbi_widgets.ratelimits import SEARCH_ENDPOINT
 from mbi_widgets.sandbox.api import (
-    LISTS,
     StripeHTTPError,
-    _customer_expander,
     _expansions,
     _integer,
     parse_params,
     stripe_response,
 )
+from mbi_widgets.sandbox import expand
 from mbi_widgets.sandbox.store import Collection, Dataset, Record
 
 if TYPE_CHECKING:
@@ -225,15 +224,10 @@ def search_body(dataset: Dataset, resource: str, params: dict[str, Any], *, inde
         limit = _integer(params["limit"], "limit")
         if not 1 <= limit <= 100:
             raise StripeHTTPError(400, f"Invalid limit: must be between 1 and 100 (got {limit})", param="limit")
-    spec = LISTS[resource]
-    expand_customer = total_count = False
-    for expansion in _expansions(params):
-        if expansion == "total_count":
-            total_count = True
-        elif expansion in spec.expand:
-            expand_customer = True
-        elif expansion not in spec.expand_noop:
-            raise StripeHTTPError(400, f"This property cannot be expanded ({expansion}).", param="expand")
+    requested = _expansions(params)
+    total_count = "total_count" in requested
+    # What the resource's list expands, a search expands too (the sandbox's one expansion hook).
+    expansions = expand.plan(resource[:-1], [e for e in requested if e != "total_count"], listing=True)
     collection = dataset.collections[resource]
     gt, gte, lt, lte = query.created
     lte = indexed_until if lte is None else min(lte, indexed_until)
@@ -242,8 +236,7 @@ def search_body(dataset: Dataset, resource: str, params: dict[str, Any], *, inde
         lo = max(lo, _index_after(collection, *read_token(resource, text, params["page"])))
     keep = query.keep()
     page = collection.page(limit=limit, lo=lo, hi=max(lo, hi), keep=keep)
-    expander = _customer_expander(dataset) if expand_customer else None
-    bodies = [record.body for record in page.records] if expander is None else [expander(r) for r in page.records]
+    bodies = expand.bodies(dataset, page.records, expansions)
     next_page = orjson.dumps(page_token(resource, text, page.records[-1])) if page.has_more else b"null"
     parts = [b'{"object":"search_result","data":[', b",".join(bodies), b'],"has_more":',
              b"true" if page.has_more else b"false", b',"next_page":', next_page,

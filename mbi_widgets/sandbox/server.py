@@ -117,15 +117,20 @@ class SandboxState:
             self._datasets.update(fresh)
         return target
 
-    def _build(self, account_id: str) -> Dataset:
+    def profile(self, account_id: str) -> AccountProfile:
+        """Who the account is (what `GET /v1/account` shows), without generating its data."""
         account = self.account(account_id)
         if account is None:
             raise KeyError(account_id)
         seed = self.seeds.get(account_id)
-        profile = AccountProfile(account.id, account.business_name, account.email, account.country,
-                                 account.currency, account.domain,
-                                 account.business_name.upper().replace(" ", "")[:22],
-                                 seed.created if seed else self.now - 900 * DAY)
+        return AccountProfile(account.id, account.business_name, account.email, account.country,
+                              account.currency, account.domain,
+                              account.business_name.upper().replace(" ", "")[:22],
+                              seed.created if seed else self.start - 900 * DAY)
+
+    def _build(self, account_id: str) -> Dataset:
+        profile = self.profile(account_id)
+        seed = self.seeds.get(account_id)
         history = generate_history(profile, seed=seed.seed if seed else 0,
                                    customers=seed.customers if seed else 0, now=self.start,
                                    horizon_days=self.horizon_days)

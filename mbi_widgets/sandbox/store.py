@@ -138,6 +138,10 @@ class Dataset:
     now: int
     #: resource -> id -> what retrieving a deleted object answers: a body (customers) or None (404).
     deleted: dict[str, dict[str, bytes | None]] = field(default_factory=dict)
+    #: Discount id -> the coupon it applies (discount objects are derived when expanded).
+    discount_coupons: dict[str, str] = field(default_factory=dict)
+    #: Objects derived on first expansion (payment methods, balance transactions...): kind -> id -> object.
+    derived: dict[str, dict] = field(default_factory=dict)
 
     def count(self, name: str) -> int:
         return len(self.collections[name])
@@ -189,6 +193,7 @@ def build_dataset(history: History, at: int | None = None, *, lag: int = 0,
         if ch.created > now:
             continue
         body = render.charge(ch, now)
+        del body["refunds"]  # includable: left out unless `expand[]=refunds` (API version 2022-11-15 on)
         charges.append(serialise(body, {"customer": ch.customer.id, "payment_intent": ch.payment_intent,
                                         "transfer_group": None, "status": body["status"]}, expandable=True))
         refunds = ch.refunds_at(now)
@@ -253,12 +258,16 @@ def build_dataset(history: History, at: int | None = None, *, lag: int = 0,
         children={"invoice_lines": lines, "subscription_items": items, "charge_refunds": refunds_by_charge},
         now=now,
         deleted=deleted,
+        discount_coupons={sub.discount_id: sub.coupon.id for sub in history.subscriptions
+                          if sub.discount_id and sub.coupon and sub.created <= now},
     )
 
 
-def list_body(url: str, records: list[Record], has_more: bool, expand_customer: Callable[[Record], bytes] | None = None) -> bytes:
-    """The bytes of a Stripe list object over `records`."""
-    bodies = [record.body for record in records] if expand_customer is None else [expand_customer(r) for r in records]
+def list_body(url: str, records: list[Record], has_more: bool,
+              expand_customer: Callable[[Record], bytes] | None = None, *, bodies: list[bytes] | None = None) -> bytes:
+    """The bytes of a Stripe list object over `records` (or over `bodies`, their expanded JSON)."""
+    if bodies is None:
+        bodies = [record.body for record in records] if expand_customer is None else [expand_customer(r) for r in records]
     return b"".join((b'{"object":"list","data":[', b",".join(bodies), b'],"has_more":',
                      b"true" if has_more else b"false", b',"url":', orjson.dumps(url), b"}"))
 

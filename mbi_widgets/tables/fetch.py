@@ -640,6 +640,18 @@ class Window:
             self.density = len(data) / max(1, data[0]["created"] - data[-1]["created"])
 
 
+def endpoint_pattern(path: str) -> str:
+    """The endpoint a child-list path counts against: `/v1/invoices/in_1/lines` is `/v1/invoices/*/lines`.
+
+    Stripe counts every parent's child list as one endpoint with one per-endpoint limit, so the
+    budget must too (one bucket per parent would let requests run far past 25/s and draw 429s).
+    """
+    parts = path.split("?", 1)[0].split("/")
+    if len(parts) == 5 and parts[1] == "v1":  # "", "v1", parent, id, kind
+        parts[3] = "*"
+    return "/".join(parts)
+
+
 @dataclass
 class ChildTask:
     """Remaining entries of one parent's embedded list, fetched from the child endpoint."""
@@ -953,7 +965,7 @@ class Job:
         params = dict(task.params, limit=self.windowing.page_size)
         if task.after:
             params["starting_after"] = task.after
-        data, has_more = self.fetcher.list(task.table, task.path, params, endpoint=task.path.split("?")[0],
+        data, has_more = self.fetcher.list(task.table, task.path, params, endpoint=endpoint_pattern(task.path),
                                            dated=False)
         self.fetcher._count(child_requests=1)
         child = self._child_plan(task.table)

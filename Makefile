@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.sandbox
 	$(PY) -m benchmarks.tables
 	$(PY) -m benchmarks.sync
+	$(PY) -m benchmarks.shaping
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

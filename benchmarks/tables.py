@@ -8,8 +8,12 @@ per-request latency like api.stripe.com. Compared, in one run:
 - `StripeSource.table("charges")` (one table: at most 25 pages/s per endpoint);
 - `StripeSource.tables()` (all tables at once under one budget: 25 requests/s per account in
   test mode, 100/s in live mode, and still 25/s per endpoint);
-each reported against the least time Stripe's limits allow for the requests it made;
-and, CPU only, the cost of shaping a page into columns next to parsing it.
+- in live mode, each strategy in turn: the list endpoints only (`search=False`), and the Search
+  API as a second lane (`search=True`), for `charges` alone and for all ten tables;
+each reported against the least time Stripe's limits allow for the requests it made: with the
+per-endpoint limits (the busiest endpoint at 25/s), and the account floor (requests / 100 per s);
+and, CPU only, the cost of shaping a page into columns next to parsing it (`benchmarks.shaping`
+compares it with `pd.json_normalize`). Times are whole calls: fetching and building the frames.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import requests
 import stripe
 
 from benchmarks import sandbox_process
+from mbi_widgets.ratelimits import SEARCH_ENDPOINT
 from mbi_widgets.tables.schema import schema
 from mbi_widgets.tables.shape import Shaper
 from mbi_widgets.tables.source import StripeSource
@@ -59,14 +64,27 @@ def shaping_cost(info: dict) -> tuple[float, float, float]:
     return parse, shape, as_objects
 
 
-def report(label: str, source: StripeSource, frames: dict) -> None:
+def report(label: str, source: StripeSource, frames: dict, seconds: float) -> float:
+    """Prints one load's line; returns its rows/s. `seconds` is the whole call, frames included."""
     stats = source.last_stats
     rows = sum(len(frame) for frame in frames.values())
     floor = stats.floor_seconds(source.rate_limits)
-    print(f"  {label}: {rows:,} rows in {stats.seconds:.1f} s = {rows / stats.seconds:,.0f} rows/s; "
-          f"{stats.requests:,} requests ({stats.requests / stats.seconds:.1f}/s); the rate limits allow these "
-          f"requests in {floor:.1f} s at best: {floor / stats.seconds:.0%} of the ceiling; "
+    account_floor = stats.requests / source.rate_limits.per_account
+    searches = stats.by_endpoint.get(SEARCH_ENDPOINT, 0)
+    print(f"  {label}: {rows:,} rows in {seconds:.1f} s = {rows / seconds:,.0f} rows/s; "
+          f"{stats.requests:,} requests ({stats.requests / seconds:.1f}/s, {searches} on search); least time "
+          f"the limits allow these requests: {floor:.1f} s with the per-endpoint limits "
+          f"({floor / seconds:.0%} of that ceiling), {account_floor:.1f} s at the account's "
+          f"{source.rate_limits.per_account:g}/s: {seconds / account_floor:.2f}x the account floor; "
           f"{stats.windows} windows, {stats.rate_limited} answered 429")
+    return rows / seconds
+
+
+def timed_load(load) -> tuple[dict, float]:
+    """A load's frames and its wall time (fetching and building the frames)."""
+    started = time.perf_counter()
+    frames = load()
+    return frames, time.perf_counter() - started
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,23 +93,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10, help="how long to run the sequential pager")
     args = parser.parse_args(argv)
 
-    for mode in ("test", "live"):
-        with sandbox_process("--scale", "bench", "--rate-limits", mode, "--latency-ms", str(args.latency_ms)) as info:
-            print(f"{mode} mode limits, {args.latency_ms:.0f} ms latency per request, scale=bench:")
-            if mode == "test":
-                pager = sequential_pager(info, args.seconds)
-                print(f"  sequential auto_paging_iter on charges: {pager:,.0f} rows/s")
-            source = StripeSource(info["restricted_key"], api_base=info["api_url"], rate_limits=mode, workers=32)
-            frames = {"charges": source.table("charges")}
-            report("StripeSource.table('charges')", source, frames)
-            if mode == "test":
-                print(f"  speed-up over the sequential pager: {len(frames['charges']) / source.last_stats.seconds / pager:.1f}x")
-            frames = source.tables()
-            report("StripeSource.tables() (all ten)", source, frames)
-            if mode == "test":
-                parse, shape, as_objects = shaping_cost(info)
-                print(f"CPU per page of 100 charges: parse {parse:.1f} ms, shape into columns {shape:.1f} ms, "
-                      f"stripe-python StripeObjects {as_objects:.1f} ms (budget at 100 pages/s: 10 ms)")
+    with sandbox_process("--scale", "bench", "--rate-limits", "test", "--latency-ms", str(args.latency_ms)) as info:
+        print(f"test mode limits, {args.latency_ms:.0f} ms latency per request, scale=bench:")
+        pager = sequential_pager(info, args.seconds)
+        print(f"  sequential auto_paging_iter on charges: {pager:,.0f} rows/s")
+        source = StripeSource(info["restricted_key"], api_base=info["api_url"], rate_limits="test", workers=32)
+        frames, seconds = timed_load(lambda: {"charges": source.table("charges")})
+        rate = report("StripeSource.table('charges')", source, frames, seconds)
+        print(f"  speed-up over the sequential pager: {rate / pager:.1f}x")
+        report("StripeSource.tables() (all ten)", source, *timed_load(source.tables))
+        parse, shape, as_objects = shaping_cost(info)
+        print(f"CPU per page of 100 charges: parse {parse:.1f} ms, shape into columns {shape:.1f} ms, "
+              f"stripe-python StripeObjects {as_objects:.1f} ms (budget at 100 pages/s: 10 ms)")
+    with sandbox_process("--scale", "bench", "--rate-limits", "live", "--latency-ms", str(args.latency_ms)) as info:
+        print(f"live mode limits (100/s per account, 25/s per endpoint, 20/s for search), {args.latency_ms:.0f} ms "
+              "latency per request, scale=bench; each strategy in turn:")
+        rates = {}
+        for strategy, search in (("list only", False), ("list + search", True)):
+            source = StripeSource(info["restricted_key"], api_base=info["api_url"], rate_limits="live", workers=32,
+                                  search=search)
+            frames, seconds = timed_load(lambda: {"charges": source.table("charges")})
+            rates[strategy] = report(f"charges, {strategy}", source, frames, seconds)
+            report(f"all ten tables, {strategy}", source, *timed_load(source.tables))
+        print(f"  charges alone: list + search reads {rates['list + search'] / rates['list only']:.2f}x the list-only "
+              "rate")
     return 0
 
 

@@ -1,18 +1,25 @@
 """Stripe objects (plain dicts) into typed DataFrame columns, cheaply.
 
-One walk over each object's own keys fills a flat row; typed columns are built once per table
-with vectorised pandas constructors. No StripeObject per object and no `pd.json_normalize`:
-fetching, not parsing, stays the bottleneck.
+One walk over each object's own keys fills a row: a tuple with a slot per column. Once per table,
+rows are transposed into columns in one step and each column becomes a pandas array through one
+Arrow conversion (in C); a column holding anything but its kind's own JSON type takes the plain
+per-value path (`_typed`), so the frame is the same either way. No StripeObject per object and no
+`pd.json_normalize` (slower, and untyped): at 100 pages/s a page has 10 ms of CPU for everything.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Iterable
 
+import numpy as np
 import orjson
 import pandas as pd
+import pyarrow as pa
+from pandas.arrays import ArrowStringArray, BooleanArray, FloatingArray, IntegerArray
 
 from mbi_widgets.errors import MbiError
+from mbi_widgets.tables.collector import collector_paused
 from mbi_widgets.tables.schema import Column, TableSchema
 from mbi_widgets.tables.schema import schema as schema_of
 
@@ -23,25 +30,28 @@ class ShapeError(MbiError):
 
 @dataclass
 class _Node:
-    """A level of the schema tree: leaves by key, nested levels by key."""
+    """A level of the schema tree: leaves by key (their slot in a row), nested levels by key."""
 
     prefix: str
-    leaves: dict[str, Column] = field(default_factory=dict)
+    #: Slots of the leaves read as they are (a dict or list in them is reduced by `_leaf`).
+    leaves: dict[str, int] = field(default_factory=dict)
+    #: Slots of the `json` leaves (any value but null becomes JSON text).
+    json_leaves: dict[str, int] = field(default_factory=dict)
     nested: dict[str, "_Node"] = field(default_factory=dict)
-    #: Column collecting the keys this level does not name (e.g. payment_method_details__other).
-    rest: Column | None = None
+    #: Slot of the column collecting the keys this level does not name (e.g. payment_method_details__other).
+    rest: int | None = None
     #: Keys that become child tables (invoice.lines, ...): not columns of this table.
     ignored: frozenset[str] = frozenset()
 
 
-def _tree(schema: TableSchema) -> tuple[_Node, list[Column]]:
-    """The schema as a tree, plus the derived columns that read inside a JSON leaf."""
+def _tree(schema: TableSchema) -> tuple[_Node, list[tuple[int, tuple[str, ...]]]]:
+    """The schema as a tree of row slots, plus the derived columns (slot, path) that read inside a JSON leaf."""
     root = _Node("", ignored=frozenset(schema_of(child).embedded_field or "" for child in schema.children))
     json_paths = {c.path for c in schema.columns if c.kind == "json"}
     derived = []
-    for column in schema.columns:
+    for slot, column in enumerate(schema.columns):
         if any(column.path[:i] in json_paths for i in range(1, len(column.path))):
-            derived.append(column)
+            derived.append((slot, column.path))
             continue
         if schema.parent_key and column.name == schema.parent_key:
             continue
@@ -49,14 +59,31 @@ def _tree(schema: TableSchema) -> tuple[_Node, list[Column]]:
         for part in column.path[:-1]:
             node = node.nested.setdefault(part, _Node(f"{node.prefix}{part}__"))
         if column.path[-1] == "other" and column.kind == "json" and len(column.path) > 1:
-            node.rest = column
+            node.rest = slot
+        elif column.kind == "json":
+            node.json_leaves[column.path[-1]] = slot
         else:
-            node.leaves[column.path[-1]] = column
+            node.leaves[column.path[-1]] = slot
+    for key in root.ignored:  # never a column, whatever the schema says
+        root.leaves.pop(key, None), root.json_leaves.pop(key, None), root.nested.pop(key, None)
     return root, derived
+
+
+#: Types a leaf keeps as they are (the test is one set lookup: most leaves hold one of these).
+_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
+
+
+#: A row is a tuple with one slot per schema column, in the schema's order, then one last slot: a dict
+#: of the fields the schema does not know (a newer API version), or None. `frame()` transposes rows
+#: into columns in one step (`zip`) instead of looking every column up in every row. A tuple of text
+#: and numbers is dropped from the garbage collector's watch after its first pass, so a load holding a
+#: million rows does not make every collection walk them (lists would stay watched: a live-mode load
+#: spent a third of its CPU in collections).
+Row = tuple
 
 
 class Shaper:
@@ -65,57 +92,99 @@ class Shaper:
     def __init__(self, schema: TableSchema) -> None:
         self.schema = schema
         self._root, self._derived = _tree(schema)
+        self._width = len(schema.columns)
+        self._slots = {column.name: slot for slot, column in enumerate(schema.columns)}
+        self._kinds = [column.kind for column in schema.columns]
+        self._parent_slot = self._slots.get(schema.parent_key) if schema.parent_key else None
 
-    def row(self, obj: dict, parent_id: str | None = None) -> dict[str, Any]:
-        flat: dict[str, Any] = {}
-        self._walk(obj, self._root, flat)
-        for column in self._derived:
-            flat[column.name] = _dig(obj, column.path)
-        if self.schema.parent_key:
-            flat[self.schema.parent_key] = parent_id
-        return flat
+    def row(self, obj: dict, parent_id: str | None = None) -> Row:
+        values: list[Any] = [None] * (self._width + 1)
+        self._walk(obj, self._root, values)
+        for slot, path in self._derived:
+            values[slot] = _dig(obj, path)
+        if self._parent_slot is not None:
+            values[self._parent_slot] = parent_id
+        return tuple(values)
 
-    def _walk(self, obj: dict, node: _Node, flat: dict[str, Any]) -> None:
+    def _walk(self, obj: dict, node: _Node, values: list[Any]) -> None:
+        leaves, json_leaves, nested, ignored = node.leaves, node.json_leaves, node.nested, node.ignored
         rest: dict[str, Any] | None = None
         for key, value in obj.items():
-            if key in node.ignored:
+            slot = leaves.get(key)
+            if slot is not None:
+                values[slot] = value if value.__class__ in _SCALARS else _leaf(value, self._kinds[slot])
                 continue
-            column = node.leaves.get(key)
-            if column is not None:
-                flat[column.name] = _leaf(value, column.kind)
+            slot = json_leaves.get(key)
+            if slot is not None:
+                values[slot] = None if value is None else _json(value)
                 continue
-            child = node.nested.get(key)
+            child = nested.get(key)
             if child is not None:
                 if isinstance(value, dict):
-                    self._walk(value, child, flat)
+                    self._walk(value, child, values)
                 elif value is not None:  # a newer API version changed the field's shape: keep it
-                    flat[f"{node.prefix}{key}"] = _json(value)
+                    self._extra(values, f"{node.prefix}{key}", _json(value))
+                continue
+            if key in ignored:
                 continue
             if node.rest is not None:
                 rest = rest if rest is not None else {}
                 rest[key] = value
                 continue
             # A field the schema does not know (newer API version): kept as an extra column.
-            flat[f"{node.prefix}{key}"] = _json(value) if isinstance(value, (dict, list)) else value
+            self._extra(values, f"{node.prefix}{key}", _json(value) if isinstance(value, (dict, list)) else value)
         if rest is not None and node.rest is not None:
-            flat[node.rest.name] = _json(rest)
+            values[node.rest] = _json(rest)
 
-    def frame(self, rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
-        rows = list(rows)
-        known = self.schema.column_names
-        known_set = set(known)
-        extras: dict[str, None] = {}
-        for row in rows:
-            for name in row:
-                if name not in known_set and name not in extras:
-                    extras[name] = None
+    def _extra(self, values: list[Any], name: str, value: Any) -> None:
+        """Sets a column the schema does not place here (a schema column of that name takes it)."""
+        slot = self._slots.get(name)
+        if slot is not None:
+            values[slot] = value
+            return
+        extras = values[-1]
+        if extras is None:
+            extras = values[-1] = {}
+        extras[name] = value
+
+    def frame(self, rows: Iterable[Row]) -> pd.DataFrame:
+        with collector_paused():  # a table's columns are millions of acyclic objects
+            return self._frame(rows if isinstance(rows, list) else list(rows))
+
+    def _frame(self, rows: list[Row]) -> pd.DataFrame:
+        count = len(rows)
+        columns = list(zip(*rows)) if rows else [()] * (self._width + 1)
+        fast = _arrow_strings()
         data: dict[str, Any] = {}
-        for column in self.schema.columns:
-            values = [row.get(column.name) for row in rows]
-            data[column.name] = _typed(values, column, self.schema.name)
-        for name in extras:
-            data[name] = _inferred([row.get(name) for row in rows])
-        return pd.DataFrame(data, index=pd.RangeIndex(len(rows)), columns=[*known, *extras])
+        for column, values in zip(self.schema.columns, columns):
+            data[column.name] = _typed_fast(values, column, self.schema.name) if fast else \
+                _typed(list(values), column, self.schema.name)
+        extras: dict[str, list[Any]] = {}
+        if columns[-1].count(None) != count:
+            for index, found in enumerate(columns[-1]):
+                for name, value in (found or {}).items():
+                    if name not in extras:
+                        extras[name] = [None] * count
+                    extras[name][index] = value
+        for name, values in extras.items():
+            data[name] = _inferred(values)
+        return _frame_of(data, count)
+
+
+def _frame_of(data: dict[str, Any], count: int) -> pd.DataFrame:
+    """A DataFrame of ready-made typed columns, in `data`'s order, without pandas re-checking each one.
+
+    `DataFrame._from_arrays` is what pandas' own readers use; it skips the constructor's per-column
+    sanitizing (half of a page's frame). Should a pandas version drop it, the public constructor does.
+    """
+    names, index = pd.Index(list(data)), pd.RangeIndex(count)
+    from_arrays = getattr(pd.DataFrame, "_from_arrays", None)
+    if from_arrays is not None:
+        try:
+            return from_arrays(list(data.values()), columns=names, index=index, verify_integrity=False)
+        except TypeError:  # a changed private signature
+            pass
+    return pd.DataFrame(data, index=index, columns=names, copy=False)
 
 
 def _dig(obj: Any, path: tuple[str, ...]) -> Any:
@@ -146,15 +215,91 @@ def _typed(values: list[Any], column: Column, table: str) -> Any:
         if column.kind in ("string", "id", "json"):
             return pd.array([v if v is None or isinstance(v, str) else str(v) for v in values], dtype="string")
         return pd.array(values, dtype=column.dtype)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: an integer beyond 64 bits
         bad = next((v for v in values if v is not None and not _fits(v, column.kind)), None)
         raise ShapeError(f"{table}.{column.name}: value {bad!r} is not a {column.kind}; the Stripe API version of "
                          "this account may differ from the pinned one. Report it with the table and column.") from exc
 
 
+def _arrow_strings() -> bool:
+    """Whether pandas' "string" dtype is Arrow-backed with NA (the fast path builds exactly that)."""
+    dtype = pd.api.types.pandas_dtype("string")
+    return dtype.storage == "pyarrow" and dtype.na_value is pd.NA
+
+
+_STRINGS = pa.large_string()
+_SECONDS = pa.timestamp("s")
+_NANOSECONDS = pa.timestamp("ns")
+
+
+def _typed_fast(values: tuple[Any, ...], column: Column, table: str) -> Any:
+    """`_typed` through one Arrow conversion: Arrow infers the column's type in C, and only a column
+    whose values are all of the kind's own JSON type (or null) is built here; anything else (a number
+    in a text column, a float in an integer one, ...) goes through `_typed`, which decides as before.
+    """
+    kind = column.kind
+    if values.count(None) == len(values):
+        return _all_null(kind, len(values))
+    try:
+        if kind in ("string", "id", "json"):
+            # Text straight to Arrow's large strings (pandas' storage); a number or a boolean raises and goes
+            # through `_typed`, which writes it as text. (Bytes would pass, but JSON never holds bytes.)
+            return ArrowStringArray(pa.chunked_array([pa.array(values, type=_STRINGS)]))
+        array = pa.array(values)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        return _typed(list(values), column, table)
+    inferred = array.type
+    if kind == "int":
+        if inferred == pa.int64():
+            return IntegerArray(*_values_and_mask(array, 0))
+    elif kind == "float":
+        if inferred == pa.float64():
+            return FloatingArray(*_values_and_mask(array, 0.0))
+    elif kind == "bool":
+        if inferred == pa.bool_():
+            return BooleanArray(*_values_and_mask(array, False))
+    elif kind == "timestamp" and inferred == pa.int64():
+        try:  # seconds to nanoseconds, refusing what overflows (as pandas does, in `_typed`)
+            moments = array.cast(_SECONDS).cast(_NANOSECONDS)
+        except pa.ArrowException:
+            return _typed(list(values), column, table)
+        return pd.DatetimeIndex(moments.to_numpy(zero_copy_only=False, writable=True)).tz_localize("UTC").array
+    return _typed(list(values), column, table)
+
+
+def _values_and_mask(array: pa.Array, filler: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A nullable Arrow array as pandas' masked arrays hold it: writable values, and True where null."""
+    if array.null_count:
+        mask = array.is_null().to_numpy(zero_copy_only=False, writable=True)
+        array = array.fill_null(filler)
+    else:
+        mask = np.zeros(len(array), dtype=bool)
+    return array.to_numpy(zero_copy_only=False, writable=True), mask
+
+
+@lru_cache(maxsize=8)
+def _null_strings(count: int) -> pa.ChunkedArray:
+    """`count` null strings (Arrow arrays are immutable: one serves every empty text column of a frame)."""
+    return pa.chunked_array([pa.nulls(count, _STRINGS)])
+
+
+def _all_null(kind: str, count: int) -> Any:
+    """A column of `count` nulls of `kind`'s dtype."""
+    if kind in ("string", "id", "json"):
+        return ArrowStringArray(_null_strings(count))
+    mask = np.ones(count, dtype=bool)
+    if kind == "int":
+        return IntegerArray(np.zeros(count, dtype="int64"), mask)
+    if kind == "float":
+        return FloatingArray(np.zeros(count, dtype="float64"), mask)
+    if kind == "bool":
+        return BooleanArray(np.zeros(count, dtype=bool), mask)
+    return pd.DatetimeIndex(np.full(count, np.datetime64("NaT", "ns"))).tz_localize("UTC").array
+
+
 def _fits(value: Any, kind: str) -> bool:
     if kind in ("int", "timestamp"):
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63
     if kind == "float":
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind == "bool":
@@ -166,9 +311,11 @@ def _inferred(values: list[Any]) -> Any:
     present = [v for v in values if v is not None]
     if present and all(isinstance(v, bool) for v in present):
         return pd.array(values, dtype="boolean")
-    if present and all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+    # An integer beyond 64 bits fits neither Int64 nor, exactly, Float64: the column stays text.
+    if present and all(isinstance(v, int) and not isinstance(v, bool) and -2**63 <= v < 2**63 for v in present):
         return pd.array(values, dtype="Int64")
-    if present and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
+    if present and all(isinstance(v, float) or (isinstance(v, int) and not isinstance(v, bool)
+                                               and -2**63 <= v < 2**63) for v in present):
         return pd.array(values, dtype="Float64")
     return pd.array([v if v is None or isinstance(v, str) else _json(v) for v in values], dtype="string")
 

@@ -183,16 +183,10 @@ class RelayClient:
         self._session = session or requests.Session()
 
     def request_code(self, *, scope: str = "read_only", clock: Callable[[], float] = time.monotonic) -> Waiting:
-        try:
-            response = self._session.post(f"{self.relay_url}/device/code",
-                                          data={"client_id": self.client_id, "scope": scope}, timeout=self.timeout)
-        except requests.RequestException as exc:
-            raise AuthError(f"The relay at {self.relay_url} could not be reached ({type(exc).__name__}). Check "
-                            "MBI_RELAY_URL and the network.", code="relay_unreachable") from exc
-        body = _json(response)
+        response, body = self._post("/device/code", {"client_id": self.client_id, "scope": scope},
+                                    unreachable="{exc}. Check MBI_RELAY_URL and the network.")
         if response.status_code != 200 or "device_code" not in body:
-            raise AuthError(f"The relay refused to start a device flow ({response.status_code}: "
-                            f"{body.get('error_description') or body.get('error') or 'no details'}).",
+            raise AuthError(f"The relay refused to start a device flow ({response.status_code}: {_said(body)}).",
                             code=body.get("error") or "relay_error")
         expires_in = float(body.get("expires_in", 600))
         return Waiting(user_code=body["user_code"], verification_uri=body["verification_uri"],
@@ -219,33 +213,39 @@ class RelayClient:
 
         Raises AuthError when the relay cannot be reached or refuses (the code then simply expires).
         """
-        try:
-            response = self._session.post(f"{self.relay_url}/device/cancel",
-                                          data={"client_id": self.client_id, "device_code": device_code},
-                                          timeout=min(timeout, self.timeout))
-        except requests.RequestException as exc:
-            raise AuthError(f"The relay at {self.relay_url} could not be reached to cancel the code "
-                            f"({type(exc).__name__}); it expires by itself.", code="relay_unreachable") from exc
+        response, body = self._post("/device/cancel", {"client_id": self.client_id, "device_code": device_code},
+                                    timeout=min(timeout, self.timeout),
+                                    unreachable=" to cancel the code {exc}; it expires by itself.")
         if response.status_code != 200:
-            body = _json(response)
-            raise AuthError(f"The relay did not cancel the code ({response.status_code}: "
-                            f"{body.get('error_description') or body.get('error') or 'no details'}); it expires by "
+            raise AuthError(f"The relay did not cancel the code ({response.status_code}: {_said(body)}); it expires by "
                             "itself.", code=body.get("error") or "cancel_failed")
 
     def deauthorize(self, *, access_token: str, stripe_user_id: str) -> None:
         """Asks the relay to revoke the platform's access to `stripe_user_id` (for Delete)."""
-        try:
-            response = self._session.post(f"{self.relay_url}/oauth/deauthorize",
-                                          data={"stripe_user_id": stripe_user_id},
-                                          headers={"Authorization": f"Bearer {access_token}"}, timeout=self.timeout)
-        except requests.RequestException as exc:
-            raise AuthError(f"The relay at {self.relay_url} could not be reached to disconnect the account "
-                            f"({type(exc).__name__}); nothing was deleted. Try again.", code="relay_unreachable") from exc
+        response, body = self._post("/oauth/deauthorize", {"stripe_user_id": stripe_user_id},
+                                    headers={"Authorization": f"Bearer {access_token}"},
+                                    unreachable=" to disconnect the account {exc}; nothing was deleted. Try again.")
         if response.status_code != 200:
-            body = _json(response)
             raise AuthError(f"The relay could not disconnect {stripe_user_id} ({response.status_code}: "
-                            f"{body.get('error_description') or body.get('error') or 'no details'}); nothing was "
-                            "deleted.", code=body.get("error") or "deauthorize_failed")
+                            f"{_said(body)}); nothing was deleted.", code=body.get("error") or "deauthorize_failed")
+
+    def _post(self, path: str, data: dict[str, str], *, unreachable: str, headers: dict[str, str] | None = None,
+              timeout: float | None = None) -> tuple[requests.Response, dict[str, Any]]:
+        """POSTs a form to the relay; the answer and its JSON object. `unreachable` completes "The relay at
+        URL could not be reached" ({exc} stands for the error's type, in brackets)."""
+        try:
+            response = self._session.post(f"{self.relay_url}{path}", data=data, headers=headers,
+                                          timeout=self.timeout if timeout is None else timeout)
+        except requests.RequestException as exc:
+            raise AuthError(f"The relay at {self.relay_url} could not be reached"
+                            + unreachable.replace("{exc}", f"({type(exc).__name__})"),
+                            code="relay_unreachable") from exc
+        return response, json_object(response)
+
+
+def _said(body: dict[str, Any]) -> str:
+    """What an OAuth error answer says, for a message."""
+    return body.get("error_description") or body.get("error") or "no details"
 
 
 class _ServerError(Exception):
@@ -258,7 +258,8 @@ def _raise_for_server_error(response: requests.Response) -> requests.Response:
     return response
 
 
-def _json(response: requests.Response) -> dict[str, Any]:
+def json_object(response: requests.Response) -> dict[str, Any]:
+    """A response's JSON object, or {} when the body is not one (HTML error pages, empty bodies)."""
     try:
         body = response.json()
     except ValueError:

@@ -32,7 +32,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mbi_widgets.auth import CLIENT_ID, DEVICE_GRANT
+from mbi_widgets.auth import CLIENT_ID, DEVICE_GRANT, json_object
 from mbi_widgets.logfilters import install_log_redaction
 from mbi_widgets.oauth import is_loopback, transport_allowed
 from mbi_widgets.redaction import redact_text
@@ -141,15 +141,6 @@ def _cancelled_page() -> HTMLResponse:
 def _stripe_unreachable(reason: str) -> JSONResponse:
     return _oauth_error("stripe_unreachable", f"Stripe could not be reached to disconnect the account ({reason}); "
                         "nothing was changed. Try again in a minute.", 502)
-
-
-def _json_object(response: requests.Response) -> dict[str, Any]:
-    """A response's JSON object, or {} when the body is not one (HTML error pages, empty bodies)."""
-    try:
-        body = response.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
 
 
 _PAGE = """<!doctype html>
@@ -359,7 +350,7 @@ class Relay:
             return f"Stripe unreachable: {type(exc).__name__}"
         if answer.status_code == 200:
             return None
-        body = _json_object(answer)
+        body = json_object(answer)
         if "not connected" in str(body.get("error_description", "")):
             return None  # already disconnected (by the account, or an earlier round)
         return f"HTTP {answer.status_code} {body.get('error') or ''}".strip()
@@ -609,9 +600,9 @@ account's data: customers, charges, coupons, invoices, plans, subscriptions and 
             check = requests.get(f"{self.config.api_url.rstrip('/')}/v1/account", auth=(token, ""),
                                  timeout=self.config.stripe_timeout)
             if check.status_code >= 500 or check.status_code == 429 or (check.status_code == 200
-                                                                         and "id" not in _json_object(check)):
+                                                                         and "id" not in json_object(check)):
                 return _stripe_unreachable(f"Stripe's API answered {check.status_code} without an account")
-            if check.status_code != 200 or _json_object(check).get("id") != account_id:
+            if check.status_code != 200 or json_object(check).get("id") != account_id:
                 return _oauth_error("invalid_grant", "The access token does not belong to that account (or was "
                                     "already revoked).", 403)
             answer = requests.post(f"{self.config.connect_url.rstrip('/')}/oauth/deauthorize",
@@ -621,7 +612,7 @@ account's data: customers, charges, coupons, invoices, plans, subscriptions and 
             return _stripe_unreachable(type(exc).__name__)
         if answer.status_code == 200:
             return JSONResponse({"stripe_user_id": account_id})
-        body = _json_object(answer)
+        body = json_object(answer)
         if not isinstance(body.get("error"), str):  # an HTML error page, a proxy's answer: not Connect speaking
             return _stripe_unreachable(f"Connect answered {answer.status_code} without an OAuth error")
         return _oauth_error(body["error"], str(body.get("error_description") or f"Stripe answered "

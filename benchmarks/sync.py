@@ -1,6 +1,6 @@
 """What a warehouse sync costs next to `StripeSource.tables()`, against the sandbox playing Stripe.
 
-    python -m benchmarks.sync [--latency-ms 300] [--workers 16]
+    python -m benchmarks.sync [--latency-ms 300] [--workers N]
 
 The sandbox runs in its own process at scale "bench", enforcing Stripe's test-mode rate limits
 (25 requests/s per account and per endpoint) and adding per-request latency like api.stripe.com.
@@ -67,14 +67,15 @@ def memory(frames: dict[str, pd.DataFrame]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--latency-ms", type=float, default=300)
-    parser.add_argument("--workers", type=int, default=16, help="StripeSource workers (the library's default: 16)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="StripeSource workers (default: the library's, sized to the rate limits)")
     args = parser.parse_args(argv)
 
     begun = time.perf_counter()
     options = ("--scale", "bench", "--rate-limits", MODE, "--latency-ms", str(args.latency_ms))
     with sandbox_process(*options) as info, tempfile.TemporaryDirectory(prefix="mbi-bench-sync-") as tmp:
         print(f"{MODE} mode limits, {args.latency_ms:.0f} ms latency per request, scale=bench, "
-              f"{args.workers} workers:")
+              f"{args.workers or 'default'} workers:")
 
         def source() -> StripeSource:
             return StripeSource(info["restricted_key"], api_base=info["api_url"], rate_limits=MODE,

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"test mode limits, {args.latency_ms:.0f} ms latency per request, scale=bench:")
         pager = sequential_pager(info, args.seconds)
         print(f"  sequential auto_paging_iter on charges: {pager:,.0f} rows/s")
-        source = StripeSource(info["restricted_key"], api_base=info["api_url"], rate_limits="test", workers=32)
+        source = StripeSource(info["restricted_key"], api_base=info["api_url"], rate_limits="test")
         frames, seconds = timed_load(lambda: {"charges": source.table("charges")})
         rate = report("StripeSource.table('charges')", source, frames, seconds)
         print(f"  speed-up over the sequential pager: {rate / pager:.1f}x")
@@ -110,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
               "latency per request, scale=bench; each strategy in turn:")
         rates = {}
         for strategy, search in (("list only", False), ("list + search", True)):
-            source = StripeSource(info["restricted_key"], api_base=info["api_url"], rate_limits="live", workers=32,
-                                  search=search)
+            source = StripeSource(info["restricted_key"], api_base=info["api_url"], rate_limits="live", search=search)
             frames, seconds = timed_load(lambda: {"charges": source.table("charges")})
             rates[strategy] = report(f"charges, {strategy}", source, frames, seconds)
             report(f"all ten tables, {strategy}", source, *timed_load(source.tables))

@@ -704,7 +704,11 @@ class Warehouse:
         row = rows[0] if rows else None
         if row is None:
             return True, schema(table).column_names
-        return bool(row[0]), json.loads(row[1])
+        # A selection saved by an older version may name a column the schema no longer has (a secret such as
+        # `confirmation_secret__client_secret`, or a field stripe-python dropped): left out, so that the next
+        # sync drops it from the stored table (`_ensure_table`) instead of keeping its old values.
+        known = set(schema(table).column_names)
+        return bool(row[0]), [column for column in json.loads(row[1]) if column in known]
 
     @staticmethod
     def _all_stored_columns(con: duckdb.DuckDBPyConnection, account: str) -> dict[str, list[str]]:

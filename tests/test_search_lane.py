@@ -75,9 +75,11 @@ def sandbox_for(**options) -> Sandbox:
 
 @pytest.fixture(scope="module")
 def baseline() -> dict[str, pd.DataFrame]:
-    """The list-only load everything is compared with (the same seed gives the same objects)."""
+    """The list-only load everything is compared with (the same seed gives the same objects); its frames
+    are built in one go after the last page (`part_rows` above any table's size)."""
+    whole = Windowing(page_size=10, initial_splits=6, min_split_objects=30, search_pages=3, part_rows=10**9)
     with sandbox_for() as sandbox:
-        frames = source_for(sandbox, search=False).tables(TABLES)
+        frames = source_for(sandbox, search=False, windowing=whole).tables(TABLES)
     assert len(frames["charges"]) > 300 and len(frames["invoices__lines"]) > 300
     return frames
 
@@ -104,13 +106,15 @@ _LANE_FAULTS = st.dictionaries(
 
 @settings(max_examples=14, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(page_size=st.integers(5, 40), initial_splits=st.integers(0, 8), min_split=st.integers(10, 200),
-       search_pages=st.integers(1, 5), workers=st.integers(1, 6), faults=_LANE_FAULTS)
-def test_list_and_search_equal_list_only(baseline, page_size, initial_splits, min_split, search_pages, workers,
-                                         faults):
-    """Whatever the windows, lanes, 429s, 5xx and dropped connections: the same rows, columns, dtypes
-    and order as a list-only load, and search never asked for objects newer than the indexing delay."""
+       search_pages=st.integers(1, 5), part_rows=st.integers(1, 400), workers=st.integers(1, 6),
+       faults=_LANE_FAULTS)
+def test_list_and_search_equal_list_only(baseline, page_size, initial_splits, min_split, search_pages, part_rows,
+                                         workers, faults):
+    """Whatever the windows, lanes, 429s, 5xx and dropped connections, and however the frames are typed
+    part by part while pages arrive: the same rows, columns, dtypes and order as a list-only load built
+    in one go, and search never asked for objects newer than the indexing delay."""
     windowing = Windowing(page_size=page_size, initial_splits=initial_splits, min_split_objects=min_split,
-                          search_pages=search_pages)
+                          search_pages=search_pages, part_rows=part_rows)
     with sandbox_for() as sandbox:
         for (lane, table), (kind, count) in faults.items():
             # A list page may fail twice (QUICK retries it); a search page as often as it likes (it falls back).

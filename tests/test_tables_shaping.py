@@ -3,7 +3,11 @@
 `ReferenceShaper` below is the previous shaper, kept verbatim as the specification (a dict per row,
 then each column looked up in every row and built with `pd.array`), but for one fix made with the fast
 one: an integer beyond 64 bits is a `ShapeError` like any other misfit in a typed column, and makes an
-unknown field's column text (both were a bare OverflowError). Random objects are Stripe's own
+unknown field's column text (both were a bare OverflowError), and one rule added with it: the fields
+named in `SENSITIVE_FIELDS` are dropped at any depth, from JSON text too but for `metadata` (the reference
+walks every JSON value; the fast shaper only those whose text holds such a key), so an object where an
+event's derived column or an id column (a list, an expanded object's `id` itself an object) wants a scalar
+becomes JSON text (it was Python's repr). Random objects are Stripe's own
 fixtures (tests/data/stripe_fixtures3_subset.json) with fields removed, nulled, replaced by other JSON
 values (wrong types included: both shapers must then refuse alike), turned into nested lists, and
 unknown fields added at any depth.
@@ -29,7 +33,7 @@ from starlette.responses import Response
 
 from mbi_widgets.tables.collector import collector_paused
 from mbi_widgets.tables.fetch import FetchError
-from mbi_widgets.tables.schema import ALL_TABLES, Column, TableSchema, schema
+from mbi_widgets.tables.schema import ALL_TABLES, SENSITIVE_FIELDS, Column, TableSchema, schema
 from mbi_widgets.tables.schema import schema as schema_of
 from mbi_widgets.tables.shape import ShapeError, Shaper
 from mbi_widgets.tables.source import StripeSource
@@ -50,11 +54,12 @@ class _Node:
     leaves: dict[str, Column] = field(default_factory=dict)
     nested: dict[str, "_Node"] = field(default_factory=dict)
     rest: Column | None = None
-    ignored: frozenset[str] = frozenset()
+    ignored: frozenset[str] = SENSITIVE_FIELDS
 
 
 def _tree(schema: TableSchema) -> tuple[_Node, list[Column]]:
-    root = _Node("", ignored=frozenset(schema_of(child).embedded_field or "" for child in schema.children))
+    children = frozenset(schema_of(child).embedded_field or "" for child in schema.children)
+    root = _Node("", ignored=SENSITIVE_FIELDS | children)
     json_paths = {c.path for c in schema.columns if c.kind == "json"}
     derived = []
     for column in schema.columns:
@@ -74,7 +79,16 @@ def _tree(schema: TableSchema) -> tuple[_Node, list[Column]]:
 
 
 def _json(value: Any) -> str:
-    return orjson.dumps(value).decode()
+    return orjson.dumps(_without_secrets(value)).decode()
+
+
+def _without_secrets(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: v if k == "metadata" else _without_secrets(v) for k, v in value.items()
+                if k not in SENSITIVE_FIELDS}
+    if isinstance(value, list):
+        return [_without_secrets(v) for v in value]
+    return value
 
 
 class ReferenceShaper:
@@ -86,7 +100,7 @@ class ReferenceShaper:
         flat: dict[str, Any] = {}
         self._walk(obj, self._root, flat)
         for column in self._derived:
-            flat[column.name] = _dig(obj, column.path)
+            flat[column.name] = _leaf(_dig(obj, column.path), column.kind)
         if self.schema.parent_key:
             flat[self.schema.parent_key] = parent_id
         return flat
@@ -98,7 +112,8 @@ class ReferenceShaper:
                 continue
             column = node.leaves.get(key)
             if column is not None:
-                flat[column.name] = _leaf(value, column.kind)
+                flat[column.name] = orjson.dumps(value).decode() if key == "metadata" and value is not None \
+                    else _leaf(value, column.kind)  # the user's own data, kept whole
                 continue
             child = node.nested.get(key)
             if child is not None:
@@ -146,7 +161,7 @@ def _leaf(value: Any, kind: str) -> Any:
     if kind == "json":
         return _json(value)
     if kind == "id":
-        return value.get("id") if isinstance(value, dict) else value
+        value = value.get("id") if isinstance(value, dict) else value
     if isinstance(value, (dict, list)):
         return _json(value)
     return value
@@ -232,7 +247,8 @@ def mutated(value: Any, draw: Any, depth: int = 0) -> Any:
             else:
                 out[key] = mutated(inner, draw, depth + 1)
         # Unknown fields, some named like a column this level does not hold (a child's parent key).
-        names = ["zz_new_field", "other", "object", "card", "extra__x", "invoice_id", "charge_id", "subscription_id"]
+        names = ["zz_new_field", "other", "object", "card", "extra__x", "invoice_id", "charge_id", "subscription_id",
+                 "client_secret"]
         for name in draw(st.lists(st.sampled_from(names), max_size=2, unique=True)):
             out[name] = draw(JSON_VALUES)
         return out

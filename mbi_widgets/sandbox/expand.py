@@ -3,7 +3,8 @@
 What may be expanded follows stripe-python 16's classes at the pinned API version: every field
 annotated `ExpandableField[...]` (a reference, or a list of references such as `discounts`), and
 the includable fields Stripe leaves out unless they are expanded (`charge.refunds`,
-`customer.sources`, `customer.subscriptions`, `customer.tax_ids`, `plan.tiers`, `price.tiers`).
+`customer.sources`, `customer.subscriptions`, `customer.tax_ids`, `invoice.confirmation_secret`,
+`plan.tiers`, `price.tiers`).
 Paths reach through nested hashes (`parent.subscription_details.subscription`), embedded objects
 (`items.data.price.product`) and expanded ones, at most four levels deep, as in Stripe.
 
@@ -14,6 +15,7 @@ sends) are byte splices too; anything else decodes the page's objects, expands a
 """
 from __future__ import annotations
 
+import hashlib
 import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -83,6 +85,8 @@ EXPANDABLE: dict[str, dict[str, str]] = {
 INCLUDABLE: dict[str, dict[str, str]] = {
     "charge": {"refunds": "refund"},
     "customer": {"sources": "source", "subscriptions": "subscription", "tax_ids": "tax_id"},
+    # A hash, not a list object: {client_secret, type} of the PaymentIntent made at finalization.
+    "invoice": {"confirmation_secret": "confirmation_secret"},
     "plan": {"tiers": "tier"},
     "price": {"tiers": "tier"},
 }
@@ -279,6 +283,8 @@ class Resolver:
             return orjson.loads(refunds_list_bytes(self.dataset, obj["id"]))
         if kind in ("plan", "price"):
             return None  # every sandbox price is per_unit: Stripe answers `tiers: null`
+        if kind == "invoice":
+            return confirmation_secret(obj)
         object_id = obj["id"]
         url = f"/v1/customers/{object_id}/{field}"
         if field == "subscriptions":  # Stripe embeds the customer's subscriptions that have not ended
@@ -432,6 +438,15 @@ def _payment_intents(dataset: "Dataset") -> dict[str, dict]:
             "status": "succeeded" if paid else "requires_payment_method", "transfer_data": None,
             "transfer_group": None}
     return found
+
+
+def confirmation_secret(invoice: dict) -> dict | None:
+    """An invoice's `confirmation_secret`: its PaymentIntent's client secret once finalized (null for a draft),
+    derived from the invoice's id as Stripe's is random: the same answer on every request."""
+    if invoice.get("status") in (None, "draft"):
+        return None
+    digest = hashlib.sha256(b"confirmation_secret:" + invoice["id"].encode()).hexdigest()
+    return {"client_secret": f"pi_{digest[:24]}_secret_{digest[24:49]}", "type": "payment_intent"}
 
 
 def _accounts(dataset: "Dataset") -> dict[str, dict]:

@@ -11,10 +11,17 @@ second lane: Stripe counts `GET /v1/charges/search` as another endpoint, with it
 shared by every search endpoint, and counted against the account's). A window that has not
 started yet goes to whichever lane of its table is less busy for its rate; search only takes
 windows whose newest possible object is older than Stripe's indexing delay plus a margin, in
-parts of about `Windowing.search_pages` pages (a search window is never split: its `page` token
-holds its query). Search answers are the same objects as list answers, so rows merge by id as
-before; a search window that fails (no search in the region, a key without it, errors beyond
-retries, a wrong-shape answer) goes back to the list lane whole, and no row is lost or doubled.
+parts of about `Windowing.search_pages` pages, fewer near the end of a load (a search window is
+never split: its `page` token holds its query). Search answers are the same objects as list
+answers, so rows merge by id as before; a search window that fails (no search in the region, a
+key without it, errors beyond retries, a wrong-shape answer) goes back to the list lane whole,
+and no row is lost or doubled.
+
+Workers go to the table with the most time left at its lanes' rates, and each lane (and the
+account) gets about as many requests in flight as its rate needs at the measured answer time:
+the account's budget is then spent first where the load's end is decided. `tables()` builds
+each table's typed columns every `PART_ROWS` rows while the rest is still in flight, so that
+little is left to do after the last page.
 
 Nothing waits forever: each attempt has a connect and a read timeout, a call may have a
 deadline, a page that would not move the cursor forward stops the fetch, and an answer that is
@@ -22,6 +29,7 @@ not a Stripe list (HTML, cut-off JSON, missing fields) is a `BadAnswer` saying w
 """
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -30,6 +38,7 @@ from email.utils import parsedate_to_datetime
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import orjson
 import requests
 import stripe
@@ -38,6 +47,7 @@ from mbi_widgets.errors import MbiError
 from mbi_widgets.ratelimits import SEARCH_ENDPOINT, RateLimits, TokenBucket
 from mbi_widgets.redaction import redact
 from mbi_widgets.tables.collector import collector_paused
+from mbi_widgets.tables.shape import ShapeError
 
 #: Lower bound for splitting when an account's creation date is unknown (Stripe's launch year).
 STRIPE_EPOCH = 1_293_840_000
@@ -65,6 +75,21 @@ SEARCH_MARGIN = 3_540
 SEARCH_DELAY = SEARCH_INDEXING_DELAY + SEARCH_MARGIN
 #: Pages a search window is carved to (it cannot be split once started: a smaller one ends sooner).
 SEARCH_PAGES = 8
+#: Seconds Stripe usually takes to answer a page of 100 (a third of a second, more for large objects):
+#: what a load assumes until it has measured answers of its own.
+TYPICAL_ANSWER = 0.6
+#: Rows a load that builds its frames as it goes (`Job(prebuild=True)`) turns into typed columns at a time.
+PART_ROWS = 4_000
+#: Requests in flight per lane, and in all, as a multiple of what the lane's (or the account's) rate
+#: needs at the measured answer time: room for answers slower than average, not so much that every
+#: lane queues on the account's budget (where the lane with the most work left would get no more than
+#: its share of waiting threads).
+IN_FLIGHT_HEADROOM = 1.35
+
+
+def workers_for(limits: RateLimits) -> int:
+    """Threads enough to keep the account's rate with answers of `TYPICAL_ANSWER` s (at least 16)."""
+    return max(16, math.ceil(limits.per_account * TYPICAL_ANSWER))
 
 
 @dataclass(frozen=True)
@@ -73,19 +98,21 @@ class Windowing:
 
     `page_size` is each request's `limit`; a large table starts with `initial_splits` extra
     windows; a window is split while it holds at least `min_split_objects` more objects; a search
-    window is carved to about `search_pages` pages.
+    window is carved to about `search_pages` pages; `tables()` types every `part_rows` rows of a
+    table into columns as they come.
     """
 
     page_size: int = 100
     initial_splits: int = INITIAL_SPLITS
     min_split_objects: int = MIN_SPLIT_OBJECTS
     search_pages: int = SEARCH_PAGES
+    part_rows: int = PART_ROWS
 
     def __post_init__(self) -> None:
         if not 1 <= self.page_size <= 100:
             raise ValueError(f"page_size is Stripe's limit, 1 to 100, not {self.page_size!r}")
-        if self.initial_splits < 0 or self.min_split_objects < 1 or self.search_pages < 1:
-            raise ValueError("initial_splits >= 0, min_split_objects >= 1 and search_pages >= 1")
+        if self.initial_splits < 0 or self.min_split_objects < 1 or self.search_pages < 1 or self.part_rows < 1:
+            raise ValueError("initial_splits >= 0, min_split_objects >= 1, search_pages >= 1 and part_rows >= 1")
 
 
 class StripeSourceError(MbiError):
@@ -229,8 +256,11 @@ class Timeouts:
         return cls(timeout, timeout, deadline)
 
     def http_client(self) -> stripe.HTTPClient:
-        """stripe-python's requests client with these timeouts instead of its 80 s."""
-        return stripe.RequestsClient(timeout=(self.connect, self.read))
+        """A pooled urllib3 client with these timeouts instead of stripe-python's 80 s, shared by a source's
+        workers (stripe.RequestsClient spends about twice the CPU per page)."""
+        from mbi_widgets.tables.http import PooledHTTPClient  # noqa: PLC0415 - may move up with the imports
+
+        return PooledHTTPClient(timeout=(self.connect, self.read))
 
 
 @dataclass(frozen=True)
@@ -321,10 +351,14 @@ def _kind(value: Any) -> str:
 
 
 def _timed_out(exc: BaseException) -> bool:
-    """Whether a network error was a timeout (stripe-python wraps requests' exception)."""
+    """Whether a network error was a timeout (stripe-python wraps requests' or urllib3's exception)."""
+    from urllib3 import exceptions as urllib3_errors  # noqa: PLC0415 - may move up with the imports
+
     cause: BaseException | None = exc
     while cause is not None:
-        if isinstance(cause, (requests.Timeout, TimeoutError)):
+        if isinstance(cause, urllib3_errors.NewConnectionError):
+            return False  # refused or unreachable: urllib3 files it under its connect timeouts
+        if isinstance(cause, (requests.Timeout, urllib3_errors.TimeoutError, TimeoutError)):
             return True
         cause = cause.__cause__ or cause.__context__
     return False
@@ -332,12 +366,18 @@ def _timed_out(exc: BaseException) -> bool:
 
 def _network_error(exc: stripe.StripeError, timeouts: Timeouts) -> str:
     """A network failure in a few words (stripe-python's own text asks to contact Stripe support)."""
+    from urllib3 import exceptions as urllib3_errors  # noqa: PLC0415 - may move up with the imports
+
     cause = exc.__cause__
-    if isinstance(cause, requests.ConnectTimeout):
+    # A refused connection is a NewConnectionError, which urllib3 derives from its ConnectTimeoutError.
+    if isinstance(cause, urllib3_errors.NewConnectionError):
+        return f"the connection failed or dropped ({type(cause).__name__})"
+    if isinstance(cause, (requests.ConnectTimeout, urllib3_errors.ConnectTimeoutError)):
         return f"no connection within {timeouts.connect:g} s"
-    if isinstance(cause, requests.ReadTimeout):
+    if isinstance(cause, (requests.ReadTimeout, urllib3_errors.ReadTimeoutError)):
         return f"no answer within {timeouts.read:g} s"
-    if isinstance(cause, requests.ConnectionError):
+    if isinstance(cause, (requests.ConnectionError, urllib3_errors.ProtocolError, urllib3_errors.ProxyError,
+                          urllib3_errors.SSLError)):
         return f"the connection failed or dropped ({type(cause).__name__})"
     if cause is not None:
         return f"{type(cause).__name__}"
@@ -475,6 +515,8 @@ class Fetcher:
         self._in_flight: dict[int, tuple[str, str, Mapping[str, Any]]] = {}
         #: Stripe's clock (Unix seconds) from the `Date` header of the latest answer.
         self.server_time: int | None = None
+        #: Seconds a successful answer takes, a moving average (None until the first one).
+        self.answer_time: float | None = None
 
     def _count(self, **increments: int) -> None:
         with self._stats_lock:
@@ -515,6 +557,7 @@ class Fetcher:
             self._check_running(table, path, params)
             self.budget.acquire(endpoint or path)
             self._started(table, path, params, endpoint or path)
+            sent = time.monotonic()
             try:
                 status, payload, headers = self.transport.get(path, params)
             except stripe.StripeError as exc:  # connection refused, reset, dropped mid-body, timeout
@@ -527,6 +570,7 @@ class Fetcher:
             self._clock(headers)  # every answer, errors too, says what time it is at Stripe
             if status == 200 and not isinstance(payload, NotJson):
                 self.budget.succeeded()
+                self._answered(time.monotonic() - sent)
                 return payload
             if status == 429:
                 rate_limited += 1
@@ -597,6 +641,12 @@ class Fetcher:
     def _finished(self) -> None:
         with self._stats_lock:
             self._in_flight.pop(threading.get_ident(), None)
+
+    def _answered(self, seconds: float) -> None:
+        """Folds one answer's time into `answer_time` (a fifth of the way: a few answers follow a change)."""
+        with self._stats_lock:
+            previous = self.answer_time
+            self.answer_time = seconds if previous is None else previous + (seconds - previous) * 0.2
 
     def deadline_error(self, table: str | None = None, path: str | None = None,
                        params: Mapping[str, Any] | None = None) -> FetchError:
@@ -690,15 +740,20 @@ class ChildTask:
 
 @dataclass
 class Collected:
-    """Rows of one table, keyed by id so that overlapping pages never duplicate a row."""
+    """Rows of one table, keyed by id so that overlapping pages never duplicate a row.
 
-    rows: dict[str, dict] = field(default_factory=dict)
-    #: Sort key per id: (created, id) for tables; (parent created, parent id, -position) for children.
+    A load that builds frames as it goes (`Job(prebuild=True)`) turns every `PART_ROWS` rows into a
+    part of typed columns (`parts`, with their ids) and keeps only the rows since in `rows`.
+    """
+
+    rows: dict[str, Any] = field(default_factory=dict)
+    #: Sort key per id ever stored: (created, id) for tables; (parent created, parent id, -position) for children.
     order: dict[str, tuple] = field(default_factory=dict)
+    parts: list[tuple[list[str], Any]] = field(default_factory=list)
 
-    def sorted_rows(self) -> list[dict]:
+    def sorted_rows(self) -> list[Any]:
         """Newest first, like Stripe's lists; child rows in their parent's order, then list order."""
-        ids = sorted(self.order, key=self.order.__getitem__, reverse=True)
+        ids = sorted(self.rows, key=self.order.__getitem__, reverse=True)
         return [self.rows[i] for i in ids]
 
 
@@ -707,12 +762,20 @@ class Job:
 
     `search_delay` (seconds) turns the search lane on for plans with a `search_path`: it takes
     windows whose objects were all created longer ago than that, by Stripe's clock (None: off).
+
+    Workers go first to the table with the most time left at its lanes' rates (the one that
+    bounds the whole load), and no lane is given many more requests in flight than its rate
+    needs at the measured answer time, nor the account in all (`IN_FLIGHT_HEADROOM`): otherwise
+    every lane's threads queue on the account's budget and the longest table gets only its share
+    of them. With `prebuild`, a table's frame is built as soon as the table is complete, while
+    the others are still being fetched (`frame()` then returns it).
     """
 
     def __init__(self, *, fetcher: Fetcher, plans: list["TablePlan"], workers: int, floor: Callable[[], int],
                  progress: Callable[[int, int | None], None] | None,
                  table_progress: Callable[[str, int], None] | None = None,
-                 windowing: Windowing | None = None, search_delay: float | None = None) -> None:
+                 windowing: Windowing | None = None, search_delay: float | None = None,
+                 prebuild: bool = False) -> None:
         self.fetcher, self.plans, self.workers, self._floor_fn = fetcher, {p.name: p for p in plans}, workers, floor
         self.windowing = windowing or Windowing()
         self.search_delay = search_delay
@@ -741,6 +804,15 @@ class Job:
         self._progress_lock = threading.Lock()
         self._reported = 0
         self._floor: int | None = None
+        #: Each child table's parent, and child-list tasks being fetched per parent table.
+        self._parent_of = {child.name: plan.name for plan in plans for child in plan.children}
+        self._child_busy: dict[str, int] = {plan.name: 0 for plan in plans}
+        #: Tables whose first page is being fetched (their windows do not exist yet).
+        self._probing: set[str] = set()
+        #: Frames built while the load ran (`prebuild`), or the error building one raised, by table.
+        self._prebuild = prebuild
+        self._built: dict[str, Any] = {}
+        self._building: set[str] = set()
 
     # --- scheduling ------------------------------------------------------------------------
 
@@ -775,6 +847,7 @@ class Job:
                     self._lock.wait(0.5)
                     task = self._next_task()
                 self._busy += 1
+            complete: list[str] = []
             try:
                 self._execute(task)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller by run()
@@ -784,7 +857,20 @@ class Job:
             finally:
                 with self._lock:
                     self._busy -= 1
-                    self._lock.notify_all()
+                    if isinstance(task, ChildTask):
+                        self._child_busy[self._parent_of[task.table]] -= 1
+                    elif isinstance(task, tuple):
+                        self._probing.discard(task[1])
+                    if self._prebuild and self._error is None:
+                        complete = self._newly_complete(_task_table(task, self._parent_of))
+                    # One waiting worker is enough for the page just freed (it splits if it finds none);
+                    # all of them when the load is over.
+                    if self._error is not None or self._finished():
+                        self._lock.notify_all()
+                    else:
+                        self._lock.notify()
+            for table in complete:
+                self._build(table)
 
     def _finished(self) -> bool:
         return (self._busy == 0 and not self._probes and not self._children
@@ -794,16 +880,74 @@ class Job:
         if self._error is not None:
             return None
         if self._probes:
-            return ("probe", self._probes.popleft())
-        for window in self._windows:
-            if not window.busy and not window.done:
-                return self._assign(window)
-        while self._children:
+            table = self._probes.popleft()
+            self._probing.add(table)
+            return ("probe", table)
+        window = self._next_window()
+        if window is not None:
+            return self._assign(window)
+        if self._children:
             task = self._children.popleft()
             task.busy = True
+            self._child_busy[self._parent_of[task.table]] += 1
             return task
-        older = self._split()
-        return None if older is None else self._assign(older)
+        return None
+
+    def _next_window(self) -> Window | None:
+        """An idle window (split off a busy one if need be) of the table furthest behind its share, among
+        tables whose lanes have room for one more request in flight; None when none has.
+
+        The load cannot end before its busiest table has read its pages at its lanes' rate, nor before
+        the account has read every page at its rate: a table's share is its pages left over that end,
+        so that every table ends with it instead of the small ones being left for last (where only
+        their own lanes would be left to work).
+        """
+        limits = self.fetcher.budget.limits
+        answer = self.fetcher.answer_time or TYPICAL_ANSWER
+        if sum(self._lane_busy.values()) >= max(1.0, limits.per_account * answer * IN_FLIGHT_HEADROOM):
+            return None
+        floor = self._floor if self._floor is not None else STRIPE_EPOCH
+        pages: dict[str, float] = {}
+        busy: dict[str, int] = {}
+        idle: dict[str, list[Window]] = {}
+        for window in self._windows:
+            if not window.done:
+                pages[window.table] = pages.get(window.table, 0.0) + max(
+                    1.0, window.remaining(floor) / self.windowing.page_size)
+                if window.busy:
+                    busy[window.table] = busy.get(window.table, 0) + 1
+                else:
+                    idle.setdefault(window.table, []).append(window)
+        if not pages:
+            return None
+        rates = {table: self._table_rate(table) for table in pages}
+        end = max(sum(pages.values()) / limits.per_account, *(pages[t] / rates[t] for t in pages))
+        behind = {table: pages[table] / end * answer * IN_FLIGHT_HEADROOM - busy.get(table, 0) for table in pages}
+        for table in sorted(pages, key=behind.__getitem__, reverse=True):
+            list_room = self._room(self.plans[table].path, limits.per_endpoint, answer)
+            search_room = self._search_cutoff(table) is not None and self._room(SEARCH_ENDPOINT, limits.per_search,
+                                                                                answer)
+            for window in idle.get(table, ()):
+                if (list_room if window.lane == "list" else search_room if window.lane == "search"
+                        else list_room or search_room):
+                    return window
+            if list_room or search_room:
+                older = self._split(table=table)
+                if older is not None:
+                    return older
+        return None
+
+    def _room(self, lane: str, rate: float, answer: float) -> bool:
+        """Whether a lane has fewer requests in flight than its rate needs at the measured answer time."""
+        return self._lane_busy.get(lane, 0) < max(1.0, rate * answer * IN_FLIGHT_HEADROOM)
+
+    def _table_rate(self, table: str) -> float:
+        """Requests per second a table can be read at: its list endpoint's, plus search's where it may search."""
+        limits = self.fetcher.budget.limits
+        rate = min(limits.per_endpoint, limits.per_account)
+        if self._search_cutoff(table) is not None:
+            rate = min(limits.per_account, rate + limits.per_search)
+        return rate
 
     def _split(self, *, table: str | None = None) -> Window | None:
         """Halves the list window with the most objects left (of `table`, if given); returns the older
@@ -853,7 +997,10 @@ class Job:
         window's newest part by the density seen so far; the rest keeps no lane, for later.
         """
         cutoff = self._search_cutoff(window.table)
-        if cutoff is None or window.density <= 0 or not self._search_less_busy(window.table):
+        limits = self.fetcher.budget.limits
+        answer = self.fetcher.answer_time or TYPICAL_ANSWER
+        if (cutoff is None or window.density <= 0 or not self._search_less_busy(window.table)
+                or not self._room(SEARCH_ENDPOINT, limits.per_search, answer)):
             return None  # no search, or no estimate of the window's size (the list lane can split it)
         floor = self._floor if self._floor is not None else STRIPE_EPOCH
         low = window.lo if window.lo is not None else floor
@@ -861,12 +1008,19 @@ class Job:
         if high - low <= MIN_SPLIT_SPAN:
             return None  # nothing in it is old enough for search
         part = window if high == window.hi else self._cut(window, high)
-        objects = self.windowing.search_pages * self.windowing.page_size
+        objects = self._search_pages(floor, answer) * self.windowing.page_size
         span = max(MIN_SPLIT_SPAN, int(objects / part.density))
         if high - low > span * 3 // 2:
             self._cut(part, high - span)
         part.lane = "search"
         return part
+
+    def _search_pages(self, floor: int, answer: float) -> int:
+        """Pages to carve a search window to: `search_pages`, fewer as the load nears its end (a search window
+        cannot be split, so one started late would be read one page at a time after everything else)."""
+        pages_left = sum(w.remaining(floor) for w in self._windows if not w.done) / self.windowing.page_size
+        seconds_left = pages_left / self.fetcher.budget.limits.per_account
+        return max(1, min(self.windowing.search_pages, int(seconds_left / answer / 2)))
 
     def _search_cutoff(self, table: str) -> int | None:
         """The newest `created` search may be asked for in `table` now, or None when search is off for it."""
@@ -1010,8 +1164,42 @@ class Job:
 
     def frame(self, name: str, limit: int | None = None) -> Any:
         """The collected rows of a table (newest first, at most `limit`) as a typed DataFrame."""
-        shaper = self.plans[name].shaper if name in self.plans else self._child_plan(name).shaper
-        return shaper.frame(self.collected[name].sorted_rows()[:limit])
+        if limit is None and name in self._built:
+            built = self._built[name]
+            if isinstance(built, BaseException):
+                raise built
+            return built
+        shaper = self._shaper(name)
+        collected = self.collected[name]
+        if not collected.parts:
+            return shaper.frame(collected.sorted_rows()[:limit])
+        ids = [object_id for part_ids, _ in collected.parts for object_id in part_ids] + list(collected.rows)
+        parts = [part for _, part in collected.parts] + [shaper.part(list(collected.rows.values()))]
+        key = collected.order.__getitem__
+        positions = sorted(range(len(ids)), key=lambda position: key(ids[position]), reverse=True)[:limit]
+        return shaper.joined(parts, np.asarray(positions, dtype=np.intp))
+
+    def _newly_complete(self, table: str | None) -> list[str]:
+        """`table` if it (with its child tables) has just been fetched whole and not built yet; under the lock."""
+        if (table is None or table in self._building or table in self._probes or table in self._probing
+                or self._child_busy[table]
+                or any(task.table in self.plans[table].child_names() for task in self._children)
+                or any(w.table == table and not w.done for w in self._windows)
+                or any(w.table == table and w.busy for w in self._windows)):
+            return []
+        self._building.add(table)
+        return [table]
+
+    def _build(self, table: str) -> None:
+        """Builds the frames of a complete table and its child tables, keeping an error for `frame()`."""
+        for name in (table, *self.plans[table].child_names()):
+            try:
+                self._built[name] = self.frame(name)
+            except Exception as exc:  # noqa: BLE001 - raised by frame(name) when asked, like an unbuilt one
+                self._built[name] = exc
+
+    def _shaper(self, name: str) -> Any:
+        return self.plans[name].shaper if name in self.plans else self._child_plan(name).shaper
 
     def _child_plan(self, name: str) -> "ChildPlan":
         for plan in self.plans.values():
@@ -1061,10 +1249,22 @@ class Job:
         with self._lock:
             collected = self.collected[table]
             for row, object_id, order in rows:
-                if object_id not in collected.rows:
+                if object_id not in collected.order:
                     collected.rows[object_id] = row
                     collected.order[object_id] = order
                     self._rows += 1
+            batch = None
+            if self._prebuild and len(collected.rows) >= self.windowing.part_rows:
+                batch, collected.rows = collected.rows, {}
+        if batch is not None:  # typed columns now, while other threads wait on Stripe, not all at the end
+            try:
+                part = self._shaper(table).part(list(batch.values()))
+            except ShapeError as exc:  # the table's frame raises it when asked for, as an unbuilt one would
+                with self._lock:
+                    self._built[table] = exc
+                return
+            with self._lock:
+                collected.parts.append((list(batch), part))
         if self.progress is not None and rows:
             with self._progress_lock:
                 with self._lock:
@@ -1075,8 +1275,19 @@ class Job:
         if self.table_progress is not None and rows:
             with self._progress_lock:  # one caller at a time, so each table's count only grows
                 with self._lock:
-                    count = len(collected.rows)
+                    count = len(collected.order)
                 self.table_progress(table, count)
+
+
+def _task_table(task: Any, parent_of: Mapping[str, str]) -> str | None:
+    """The parent table a finished task belongs to."""
+    if isinstance(task, tuple):
+        return task[1]
+    if isinstance(task, Window):
+        return task.table
+    if isinstance(task, ChildTask):
+        return parent_of[task.table]
+    return None
 
 
 @dataclass
@@ -1108,6 +1319,9 @@ class TablePlan:
     #: (a search covers every status, so the list's `status=all` has no counterpart).
     search_path: str | None = None
     search_fixed: dict[str, Any] = field(default_factory=dict)
+
+    def child_names(self) -> tuple[str, ...]:
+        return tuple(child.name for child in self.children)
 
     def created(self, *, gte: int | None = None, lt: int | None = None) -> dict[str, int]:
         """The `created` range of a window, within `since`."""

@@ -9,6 +9,8 @@ Shaping rules: nested objects are flattened with `__`; references (expandable, o
 resource embedded whole, like a subscription item's `plan`) are kept as the id; lists (other than those turned into child tables), `metadata` and free-form hashes are JSON
 text; Unix timestamps are timezone-aware UTC datetimes; integers are nullable Int64 (amounts are
 in the currency's minor unit); booleans are nullable booleans; ids and enums are strings.
+Secrets are never columns: a field named in `SENSITIVE_FIELDS` (`client_secret`, an invoice's
+`confirmation_secret`, ...) is left out at any depth, and the shaper drops it from answers.
 """
 from __future__ import annotations
 
@@ -36,6 +38,14 @@ DTYPES = {
 #: sub-objects named in `_ALWAYS_FLATTEN`, which analysts query column by column.
 _MAX_FLAT_COLUMNS = 40
 _ALWAYS_FLATTEN = {("payment_method_details", "card"), ("payment_method_details", "type")}
+
+#: Fields holding a secret, by name, at any depth: never a column, and dropped by the shaper wherever an
+#: answer carries them (also inside Stripe objects kept as JSON text). A client secret lets whoever holds it
+#: confirm a payment or open a session from a browser (PaymentIntent, SetupIntent, Source, Checkout and
+#: Customer sessions; an invoice's includable `confirmation_secret` wraps its PaymentIntent's); `secret` and
+#: `signing_secret` are webhook signing secrets and Terminal connection tokens. Every name ends in "secret":
+#: the shaper's test for JSON text relies on it.
+SENSITIVE_FIELDS: frozenset[str] = frozenset({"client_secret", "confirmation_secret", "secret", "signing_secret"})
 
 _TIMESTAMP_WORDS = ("unix epoch", "seconds since the epoch", "unix timestamp", "measured in seconds since")
 
@@ -170,7 +180,7 @@ class _Flattener:
         info = _class_info(node)
         scopes = [*scopes, node]
         for fld in info.fields:
-            if fld.name in skip:
+            if fld.name in skip or fld.name in SENSITIVE_FIELDS:
                 continue
             path = (*prefix, fld.name)
             nested = self._nested_class(fld.annotation, scopes)

@@ -20,7 +20,7 @@ from pandas.arrays import ArrowStringArray, BooleanArray, FloatingArray, Integer
 
 from mbi_widgets.errors import MbiError
 from mbi_widgets.tables.collector import collector_paused
-from mbi_widgets.tables.schema import Column, TableSchema
+from mbi_widgets.tables.schema import SENSITIVE_FIELDS, Column, TableSchema
 from mbi_widgets.tables.schema import schema as schema_of
 
 
@@ -40,13 +40,15 @@ class _Node:
     nested: dict[str, "_Node"] = field(default_factory=dict)
     #: Slot of the column collecting the keys this level does not name (e.g. payment_method_details__other).
     rest: int | None = None
-    #: Keys that become child tables (invoice.lines, ...): not columns of this table.
-    ignored: frozenset[str] = frozenset()
+    #: Keys dropped here: the secrets (`SENSITIVE_FIELDS`), at every level; at the top, the keys that become
+    #: child tables (invoice.lines, ...). Looked up only for keys the schema does not name.
+    ignored: frozenset[str] = SENSITIVE_FIELDS
 
 
 def _tree(schema: TableSchema) -> tuple[_Node, list[tuple[int, tuple[str, ...]]]]:
     """The schema as a tree of row slots, plus the derived columns (slot, path) that read inside a JSON leaf."""
-    root = _Node("", ignored=frozenset(schema_of(child).embedded_field or "" for child in schema.children))
+    children = frozenset(schema_of(child).embedded_field or "" for child in schema.children)
+    root = _Node("", ignored=SENSITIVE_FIELDS | children)
     json_paths = {c.path for c in schema.columns if c.kind == "json"}
     derived = []
     for slot, column in enumerate(schema.columns):
@@ -77,6 +79,30 @@ def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
+#: How the end of a key named in `SENSITIVE_FIELDS` looks in orjson's compact text (every such name ends in
+#: "secret": tests/test_sensitive_columns.py checks it).
+_SECRET_KEY = 'secret":'
+#: Keys whose values are the user's own data (Stripe's `metadata`): kept as they are, even a key named like a secret.
+_USER_DATA = frozenset({"metadata"})
+
+
+def _stripe_json(value: Any) -> str:
+    """JSON text of Stripe data without its secrets. One substring search (in C) per value: only text that
+    holds a key ending in "secret" (rare) is walked and written again."""
+    text = orjson.dumps(value).decode()
+    return _json(_without_secrets(value)) if _SECRET_KEY in text else text
+
+
+def _without_secrets(value: Any) -> Any:
+    """`value` without the keys named in `SENSITIVE_FIELDS`, at any depth but inside `metadata`."""
+    if isinstance(value, dict):
+        return {key: inner if key in _USER_DATA else _without_secrets(inner)
+                for key, inner in value.items() if key not in SENSITIVE_FIELDS}
+    if isinstance(value, list):
+        return [_without_secrets(inner) for inner in value]
+    return value
+
+
 #: A row is a tuple with one slot per schema column, in the schema's order, then one last slot: a dict
 #: of the fields the schema does not know (a newer API version), or None. `frame()` transposes rows
 #: into columns in one step (`zip`) instead of looking every column up in every row. A tuple of text
@@ -101,7 +127,8 @@ class Shaper:
         values: list[Any] = [None] * (self._width + 1)
         self._walk(obj, self._root, values)
         for slot, path in self._derived:
-            values[slot] = _dig(obj, path)
+            value = _dig(obj, path)  # an object where a scalar belongs becomes JSON text, without its secrets
+            values[slot] = value if value.__class__ in _SCALARS else _leaf(value, self._kinds[slot])
         if self._parent_slot is not None:
             values[self._parent_slot] = parent_id
         return tuple(values)
@@ -116,14 +143,18 @@ class Shaper:
                 continue
             slot = json_leaves.get(key)
             if slot is not None:
-                values[slot] = None if value is None else _json(value)
+                if value is None:
+                    values[slot] = None
+                    continue
+                text = _json(value)  # an embedded Stripe object loses its secrets; `metadata` is the user's own
+                values[slot] = text if _SECRET_KEY not in text or key in _USER_DATA else _json(_without_secrets(value))
                 continue
             child = nested.get(key)
             if child is not None:
                 if isinstance(value, dict):
                     self._walk(value, child, values)
                 elif value is not None:  # a newer API version changed the field's shape: keep it
-                    self._extra(values, f"{node.prefix}{key}", _json(value))
+                    self._extra(values, f"{node.prefix}{key}", _stripe_json(value))
                 continue
             if key in ignored:
                 continue
@@ -132,9 +163,10 @@ class Shaper:
                 rest[key] = value
                 continue
             # A field the schema does not know (newer API version): kept as an extra column.
-            self._extra(values, f"{node.prefix}{key}", _json(value) if isinstance(value, (dict, list)) else value)
+            self._extra(values, f"{node.prefix}{key}",
+                        _stripe_json(value) if isinstance(value, (dict, list)) else value)
         if rest is not None and node.rest is not None:
-            values[node.rest] = _json(rest)
+            values[node.rest] = _stripe_json(rest)
 
     def _extra(self, values: list[Any], name: str, value: Any) -> None:
         """Sets a column the schema does not place here (a schema column of that name takes it)."""
@@ -149,26 +181,69 @@ class Shaper:
 
     def frame(self, rows: Iterable[Row]) -> pd.DataFrame:
         with collector_paused():  # a table's columns are millions of acyclic objects
-            return self._frame(rows if isinstance(rows, list) else list(rows))
+            return self.joined([self.part(rows if isinstance(rows, list) else list(rows))])
 
-    def _frame(self, rows: list[Row]) -> pd.DataFrame:
-        count = len(rows)
-        columns = list(zip(*rows)) if rows else [()] * (self._width + 1)
-        fast = _arrow_strings()
+    def part(self, rows: list[Row]) -> "FramePart":
+        """A batch of rows as typed columns: a load builds its frame part by part while it fetches."""
+        with collector_paused():
+            count = len(rows)
+            columns = list(zip(*rows)) if rows else [()] * (self._width + 1)
+            fast = _arrow_strings()
+            arrays = [_typed_fast(values, column, self.schema.name) if fast
+                      else _typed(list(values), column, self.schema.name)
+                      for column, values in zip(self.schema.columns, columns)]
+            extras = None if columns[-1].count(None) == count else list(columns[-1])
+            return FramePart([_as_array(array) for array in arrays], extras, count)
+
+    def joined(self, parts: list["FramePart"], order: np.ndarray | None = None) -> pd.DataFrame:
+        """The frame of `parts` end to end, or of the rows at the positions `order` gives (in that order).
+
+        Columns join and reorder in C (Arrow chunks, numpy); the fields the schema does not know
+        become columns only here, typed by every row that has them, as if built in one go.
+        """
+        count = sum(part.length for part in parts) if order is None else len(order)
         data: dict[str, Any] = {}
-        for column, values in zip(self.schema.columns, columns):
-            data[column.name] = _typed_fast(values, column, self.schema.name) if fast else \
-                _typed(list(values), column, self.schema.name)
-        extras: dict[str, list[Any]] = {}
-        if columns[-1].count(None) != count:
-            for index, found in enumerate(columns[-1]):
-                for name, value in (found or {}).items():
+        for index, column in enumerate(self.schema.columns):
+            array = _concat([part.arrays[index] for part in parts])
+            data[column.name] = array if order is None else array.take(order)
+        if any(part.extras is not None for part in parts):
+            found = [row for part in parts for row in (part.extras or [None] * part.length)]
+            if order is not None:
+                found = [found[position] for position in order]
+            extras: dict[str, list[Any]] = {}
+            for index, fields in enumerate(found):
+                for name, value in (fields or {}).items():
                     if name not in extras:
                         extras[name] = [None] * count
                     extras[name][index] = value
-        for name, values in extras.items():
-            data[name] = _inferred(values)
+            for name, values in extras.items():
+                data[name] = _inferred(values)
         return _frame_of(data, count)
+
+
+@dataclass
+class FramePart:
+    """Typed columns of a batch of rows (one pandas array per schema column), and each row's fields the
+    schema does not know (None when no row has any)."""
+
+    arrays: list[Any]
+    extras: list[dict[str, Any] | None] | None
+    length: int
+
+
+def _as_array(values: Any) -> Any:
+    """A column as a pandas array (a DatetimeIndex from `_typed` becomes its array)."""
+    return values.array if isinstance(values, pd.Index) else values
+
+
+def _concat(arrays: list[Any]) -> Any:
+    """Pandas arrays of one dtype end to end (Arrow text stays in chunks: nothing is copied)."""
+    if len(arrays) == 1:
+        return arrays[0]
+    kind = type(arrays[0])
+    if all(type(array) is kind for array in arrays):
+        return kind._concat_same_type(arrays)  # noqa: SLF001 - pandas' own extension-array protocol
+    return pd.concat([pd.Series(array, copy=False) for array in arrays], ignore_index=True).array
 
 
 def _frame_of(data: dict[str, Any], count: int) -> pd.DataFrame:
@@ -199,11 +274,12 @@ def _leaf(value: Any, kind: str) -> Any:
     if value is None:
         return None
     if kind == "json":
-        return _json(value)
-    if kind == "id":
-        return value.get("id") if isinstance(value, dict) else value
-    if isinstance(value, (dict, list)):
-        return _json(value)
+        return _stripe_json(value)
+    if kind == "id":  # an expanded object is kept as its id; anything but a scalar there becomes JSON text
+        found = value.get("id") if isinstance(value, dict) else value
+        return found if found.__class__ in _SCALARS else _stripe_json(found)
+    if isinstance(value, (dict, list)):  # a newer API version made an object of a scalar field
+        return _stripe_json(value)
     return value
 
 

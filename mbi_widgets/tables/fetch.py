@@ -42,11 +42,13 @@ import numpy as np
 import orjson
 import requests
 import stripe
+from urllib3 import exceptions as urllib3_errors
 
 from mbi_widgets.errors import MbiError
 from mbi_widgets.ratelimits import SEARCH_ENDPOINT, RateLimits, TokenBucket
 from mbi_widgets.redaction import redact
 from mbi_widgets.tables.collector import collector_paused
+from mbi_widgets.tables.http import DEFAULT_MAXSIZE, PooledHTTPClient
 from mbi_widgets.tables.shape import ShapeError
 
 #: Lower bound for splitting when an account's creation date is unknown (Stripe's launch year).
@@ -255,12 +257,11 @@ class Timeouts:
             return cls(timeout[0], timeout[1], deadline)
         return cls(timeout, timeout, deadline)
 
-    def http_client(self) -> stripe.HTTPClient:
+    def http_client(self, connections: int = 0) -> stripe.HTTPClient:
         """A pooled urllib3 client with these timeouts instead of stripe-python's 80 s, shared by a source's
-        workers (stripe.RequestsClient spends about twice the CPU per page)."""
-        from mbi_widgets.tables.http import PooledHTTPClient  # noqa: PLC0415 - may move up with the imports
-
-        return PooledHTTPClient(timeout=(self.connect, self.read))
+        workers (stripe.RequestsClient spends about twice the CPU per page), keeping at least `connections`
+        connections per host open."""
+        return PooledHTTPClient(timeout=(self.connect, self.read), maxsize=max(DEFAULT_MAXSIZE, connections))
 
 
 @dataclass(frozen=True)
@@ -352,7 +353,6 @@ def _kind(value: Any) -> str:
 
 def _timed_out(exc: BaseException) -> bool:
     """Whether a network error was a timeout (stripe-python wraps requests' or urllib3's exception)."""
-    from urllib3 import exceptions as urllib3_errors  # noqa: PLC0415 - may move up with the imports
 
     cause: BaseException | None = exc
     while cause is not None:
@@ -366,7 +366,6 @@ def _timed_out(exc: BaseException) -> bool:
 
 def _network_error(exc: stripe.StripeError, timeouts: Timeouts) -> str:
     """A network failure in a few words (stripe-python's own text asks to contact Stripe support)."""
-    from urllib3 import exceptions as urllib3_errors  # noqa: PLC0415 - may move up with the imports
 
     cause = exc.__cause__
     # A refused connection is a NewConnectionError, which urllib3 derives from its ConnectTimeoutError.

@@ -102,6 +102,9 @@ class StripeSource:
         if (isinstance(search_delay, bool) or not isinstance(search_delay, (int, float))
                 or not 0 <= search_delay < float("inf")):
             raise StripeSourceError(f"search_delay is seconds >= 0, not {search_delay!r}", code="invalid_option")
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise StripeSourceError(f"workers is a number of threads >= 1, or None (automatic), not {workers!r}",
+                                    code="invalid_option")
         self._search, self._search_delay = search, search_delay
         self._windowing = windowing or Windowing()
         #: Seconds to wait: connect and read per attempt, deadline per call (None: none).
@@ -111,8 +114,9 @@ class StripeSource:
                 raise StripeSourceError("StripeSource needs an api_key (rk_..., sk_... or an OAuth access token) "
                                         "or a stripe.StripeClient.", code="missing_key")
             _check_key(api_key)
+            connections = workers or workers_for(RateLimits.coerce(rate_limits) or RateLimits.for_key(api_key))
             client = stripe.StripeClient(api_key, base_addresses={"api": api_base} if api_base else None,
-                                         max_network_retries=0, http_client=self.timeouts.http_client())
+                                         max_network_retries=0, http_client=self.timeouts.http_client(connections))
         elif api_key:
             raise StripeSourceError("Give either api_key or client, not both.", code="ambiguous_credentials")
         elif timeout is not None:
@@ -131,9 +135,6 @@ class StripeSource:
         self._budget = RateBudget.shared((self._api_base, identity), limits)
         self._transport = Transport(client, account)
         self._retry = retry or RetryPolicy()
-        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-            raise StripeSourceError(f"workers is a number of threads >= 1, or None (automatic), not {workers!r}",
-                                    code="invalid_option")
         self._workers = workers or workers_for(limits)
         self._floor: int | None = None
         self._floor_lock = threading.Lock()

@@ -246,6 +246,8 @@ def test_failure_after_some_pages_raises_instead_of_a_short_table():
         seen = []
 
         def break_after_first_page(path, params):
+            if path != "/v1/charges":
+                return  # the account (where windows start), asked for beside the first page
             seen.append(dict(params))
             if len(seen) == 2:  # the first page came back: every later charges page fails
                 sb.inject_fault("503", count=100, path="/v1/charges")

@@ -61,7 +61,7 @@ BURST = 2
 INITIAL_SPLITS = 15
 #: A window is split only when it is estimated to hold at least this many more objects, so
 #: that splitting saves more requests than it costs (each new window costs a partial page).
-MIN_SPLIT_OBJECTS = 400
+MIN_SPLIT_OBJECTS = 200
 #: Seconds to wait for a connection to Stripe, and for its answer once connected (stripe-python waits 80 s).
 #: Stripe's list calls answer within a few seconds; a silent server is not waited on for minutes.
 CONNECT_TIMEOUT = 5.0
@@ -81,7 +81,7 @@ SEARCH_PAGES = 8
 #: what a load assumes until it has measured answers of its own.
 TYPICAL_ANSWER = 0.6
 #: Rows a load that builds its frames as it goes (`Job(prebuild=True)`) turns into typed columns at a time.
-PART_ROWS = 4_000
+PART_ROWS = 2_000
 #: Requests in flight per lane, and in all, as a multiple of what the lane's (or the account's) rate
 #: needs at the measured answer time: room for answers slower than average, not so much that every
 #: lane queues on the account's budget (where the lane with the most work left would get no more than
@@ -774,7 +774,7 @@ class Job:
                  progress: Callable[[int, int | None], None] | None,
                  table_progress: Callable[[str, int], None] | None = None,
                  windowing: Windowing | None = None, search_delay: float | None = None,
-                 prebuild: bool = False) -> None:
+                 prebuild: bool = False, known_floor: int | None = None) -> None:
         self.fetcher, self.plans, self.workers, self._floor_fn = fetcher, {p.name: p for p in plans}, workers, floor
         self.windowing = windowing or Windowing()
         self.search_delay = search_delay
@@ -802,12 +802,16 @@ class Job:
         #: Progress is reported by one worker at a time, in increasing order, ending at the total.
         self._progress_lock = threading.Lock()
         self._reported = 0
-        self._floor: int | None = None
+        #: The account's creation time (`floor()` asks Stripe; `known_floor` when the caller has it already).
+        self._floor: int | None = known_floor
         #: Each child table's parent, and child-list tasks being fetched per parent table.
         self._parent_of = {child.name: plan.name for plan in plans for child in plan.children}
         self._child_busy: dict[str, int] = {plan.name: 0 for plan in plans}
         #: Tables whose first page is being fetched (their windows do not exist yet).
         self._probing: set[str] = set()
+        #: Whether a worker should ask for the account's creation time (where the oldest windows start),
+        #: and whether one has: asked for by the first large table read whole, and not waited on.
+        self._floor_wanted = self._floor_asked = False
         #: Frames built while the load ran (`prebuild`), or the error building one raised, by table.
         self._prebuild = prebuild
         self._built: dict[str, Any] = {}
@@ -862,12 +866,11 @@ class Job:
                         self._probing.discard(task[1])
                     if self._prebuild and self._error is None:
                         complete = self._newly_complete(_task_table(task, self._parent_of))
-                    # One waiting worker is enough for the page just freed (it splits if it finds none);
-                    # all of them when the load is over.
+                    # The worker that finished takes the next task itself (a finished page frees one request's
+                    # room, which it fills): waking others would only have them find no room, a hundred times
+                    # a second. New work (a table's windows, child lists) wakes them where it is made.
                     if self._error is not None or self._finished():
                         self._lock.notify_all()
-                    else:
-                        self._lock.notify()
             for table in complete:
                 self._build(table)
 
@@ -878,6 +881,9 @@ class Job:
     def _next_task(self) -> Any:
         if self._error is not None:
             return None
+        if self._floor_wanted and not self._floor_asked:
+            self._floor_asked = True
+            return ("floor", None)
         if self._probes:
             table = self._probes.popleft()
             self._probing.add(table)
@@ -922,18 +928,21 @@ class Job:
         rates = {table: self._table_rate(table) for table in pages}
         end = max(sum(pages.values()) / limits.per_account, *(pages[t] / rates[t] for t in pages))
         behind = {table: pages[table] / end * answer * IN_FLIGHT_HEADROOM - busy.get(table, 0) for table in pages}
+        search_room = self._room(SEARCH_ENDPOINT, limits.per_search, answer)
         for table in sorted(pages, key=behind.__getitem__, reverse=True):
             list_room = self._room(self.plans[table].path, limits.per_endpoint, answer)
-            search_room = self._search_cutoff(table) is not None and self._room(SEARCH_ENDPOINT, limits.per_search,
-                                                                                answer)
+            may_search = search_room and self._search_cutoff(table) is not None
             for window in idle.get(table, ()):
+                # A search window under way keeps its lane (its query is in its page token), searchable or not.
                 if (list_room if window.lane == "list" else search_room if window.lane == "search"
-                        else list_room or search_room):
+                        else list_room or may_search):
                     return window
-            if list_room or search_room:
+            if list_room or may_search:
                 older = self._split(table=table)
                 if older is not None:
                     return older
+        if not any(self._lane_busy.values()):  # nothing in flight: any idle window goes, whatever its lane
+            return next((window for windows in idle.values() for window in windows), None)
         return None
 
     def _room(self, lane: str, rate: float, answer: float) -> bool:
@@ -953,7 +962,7 @@ class Job:
         half, idle and without a lane. Search windows are never split: their `page` token holds the query."""
         floor = self._floor if self._floor is not None else STRIPE_EPOCH
         candidates = [w for w in self._windows if not w.done and w.lane == "list" and w.pages > 0
-                      and w.span(floor) > MIN_SPLIT_SPAN and w.remaining(floor) >= self.windowing.min_split_objects
+                      and (w.lo is not None or self._floor is not None) and w.span(floor) > MIN_SPLIT_SPAN and w.remaining(floor) >= self.windowing.min_split_objects
                       and (table is None or w.table == table)]
         if not candidates:
             return None
@@ -1038,7 +1047,9 @@ class Job:
     # --- work --------------------------------------------------------------------------------
 
     def _execute(self, task: Any) -> None:
-        if isinstance(task, tuple):
+        if isinstance(task, tuple) and task[0] == "floor":
+            self._floor = self._floor_fn()
+        elif isinstance(task, tuple):
             self._probe(task[1])
         elif isinstance(task, Window):
             lane = self._lane_key(task)  # before the page: a failed search window changes lanes
@@ -1061,8 +1072,6 @@ class Job:
         seen: set[str] = set()
         after = next_cursor(table, plan.path, params, data, has_more, seen)
         if after is not None:
-            if self._floor is None:
-                self._floor = self._floor_fn()
             window = Window(table, plan.since, None, after=after, lane="list", top=data[-1]["created"], pages=1,
                             seen=seen)
             window.observe(data)
@@ -1071,10 +1080,25 @@ class Job:
                 self._windows.append(window)
                 # A large table starts with a few windows at once, so its endpoint's budget fills up even
                 # while every worker is busy with other tables; idle workers keep halving them later.
-                for _ in range(self.windowing.initial_splits):
-                    if self._split(table=table) is None:
-                        break
+                if self._floor is None and window.lo is None:
+                    self._carve(window)  # where the table starts is not known yet: a worker asks
+                    self._floor_wanted = True
+                else:
+                    for _ in range(self.windowing.initial_splits):
+                        if self._split(table=table) is None:
+                            break
                 self._lock.notify_all()
+
+    def _carve(self, window: Window) -> None:
+        """Cuts `initial_splits` windows of about 4 x `min_split_objects` objects each below a table's first page,
+        by its density, the oldest staying open below (split once the account's creation time is known)."""
+        step = max(MIN_SPLIT_SPAN, int(4 * self.windowing.min_split_objects / max(window.density, 1e-9)))
+        oldest = window
+        for _ in range(self.windowing.initial_splits):
+            at = (oldest.top or 0) - step
+            if at <= STRIPE_EPOCH:
+                break
+            oldest = self._cut(oldest, at)
 
     def _page(self, window: Window) -> None:
         plan = self.plans[window.table]
@@ -1172,11 +1196,16 @@ class Job:
         collected = self.collected[name]
         if not collected.parts:
             return shaper.frame(collected.sorted_rows()[:limit])
-        ids = [object_id for part_ids, _ in collected.parts for object_id in part_ids] + list(collected.rows)
-        parts = [part for _, part in collected.parts] + [shaper.part(list(collected.rows.values()))]
+        rest = collected.sorted_rows()
+        ids = [object_id for part_ids, _ in collected.parts for object_id in part_ids]
+        ids += sorted(collected.rows, key=collected.order.__getitem__, reverse=True)
+        parts = [part for _, part in collected.parts] + [shaper.part(rest)]
         key = collected.order.__getitem__
-        positions = sorted(range(len(ids)), key=lambda position: key(ids[position]), reverse=True)[:limit]
-        return shaper.joined(parts, np.asarray(positions, dtype=np.intp))
+        # Each part is newest first already: the sort merges runs, and the rows are read part by part.
+        positions = np.asarray(sorted(range(len(ids)), key=lambda position: key(ids[position]), reverse=True)[:limit],
+                               dtype=np.intp)
+        in_place = limit is None and bool(np.all(positions == np.arange(len(positions))))
+        return shaper.joined(parts, None if in_place else positions)
 
     def _newly_complete(self, table: str | None) -> list[str]:
         """`table` if it (with its child tables) has just been fetched whole and not built yet; under the lock."""
@@ -1255,15 +1284,18 @@ class Job:
             batch = None
             if self._prebuild and len(collected.rows) >= self.windowing.part_rows:
                 batch, collected.rows = collected.rows, {}
+                # Newest first within the part: the final reordering then reads each part front to back
+                # (a random order over a table's text columns is cache misses over all of their bytes).
+                batch_ids = sorted(batch, key=collected.order.__getitem__, reverse=True)
         if batch is not None:  # typed columns now, while other threads wait on Stripe, not all at the end
             try:
-                part = self._shaper(table).part(list(batch.values()))
+                part = self._shaper(table).part([batch[object_id] for object_id in batch_ids])
             except ShapeError as exc:  # the table's frame raises it when asked for, as an unbuilt one would
                 with self._lock:
                     self._built[table] = exc
                 return
             with self._lock:
-                collected.parts.append((list(batch), part))
+                collected.parts.append((batch_ids, part))
         if self.progress is not None and rows:
             with self._progress_lock:
                 with self._lock:

@@ -237,10 +237,15 @@ def _as_array(values: Any) -> Any:
 
 
 def _concat(arrays: list[Any]) -> Any:
-    """Pandas arrays of one dtype end to end (Arrow text stays in chunks: nothing is copied)."""
+    """Pandas arrays of one dtype end to end."""
     if len(arrays) == 1:
         return arrays[0]
     kind = type(arrays[0])
+    if kind is ArrowStringArray and all(type(array) is kind for array in arrays):
+        # One contiguous Arrow array: taking rows from many chunks resolves the chunk of every row, ten
+        # times slower than copying the chunks together first (pyarrow 26: 0.4 s against 0.03 s for 80 MB).
+        chunks = [chunk for array in arrays for chunk in array.__arrow_array__().chunks]
+        return ArrowStringArray(pa.chunked_array([pa.concat_arrays(chunks)], type=_STRINGS))
     if all(type(array) is kind for array in arrays):
         return kind._concat_same_type(arrays)  # noqa: SLF001 - pandas' own extension-array protocol
     return pd.concat([pd.Series(array, copy=False) for array in arrays], ignore_index=True).array

@@ -167,7 +167,8 @@ class StripeSource:
         target = schema(table)
         parent = schema(target.parent) if target.parent else target
         plan = self._plan(parent, since=None, children=[table] if target.parent else [])
-        job = Job(fetcher=self._fetcher(), plans=[plan], workers=1, floor=self._account_floor, progress=None)
+        job = Job(fetcher=self._fetcher(), plans=[plan], workers=1, floor=self._account_floor,
+                  known_floor=self._floor, progress=None)
         collected = job.collected[table]
         after: str | None = None
         seen: set[str] = set()
@@ -206,6 +207,7 @@ class StripeSource:
         since_ts = _timestamp(since)
         plans = [self._plan(schema(parent), since=since_ts, children=children) for parent, children in parents.items()]
         job = Job(fetcher=self._fetcher(), plans=plans, workers=self._workers, floor=self._account_floor,
+                  known_floor=self._floor,
                   progress=progress, windowing=self._windowing, search_delay=self._search_lane_delay(), prebuild=True)
         job.fetcher.cancelled = lambda: job._error is not None  # noqa: SLF001 - stop sleeping retries early
         try:
@@ -244,7 +246,8 @@ class StripeSource:
             plan.listed = request.listed
             plans.append(plan)
         fetcher = self._fetcher()
-        job = Job(fetcher=fetcher, plans=plans, workers=self._workers, floor=self._account_floor, progress=progress,
+        job = Job(fetcher=fetcher, plans=plans, workers=self._workers, floor=self._account_floor,
+                  known_floor=self._floor, progress=progress,
                   table_progress=table_progress, windowing=self._windowing, search_delay=self._search_lane_delay())
         fetcher.cancelled = lambda: job._error is not None  # noqa: SLF001
         deleted: dict[str, set[str]] = {name: set() for name in requests}

@@ -941,8 +941,6 @@ class Job:
                 older = self._split(table=table)
                 if older is not None:
                     return older
-        if not any(self._lane_busy.values()):  # nothing in flight: any idle window goes, whatever its lane
-            return next((window for windows in idle.values() for window in windows), None)
         return None
 
     def _room(self, lane: str, rate: float, answer: float) -> bool:

@@ -246,9 +246,11 @@ class StripeSource:
             plan.listed = request.listed
             plans.append(plan)
         fetcher = self._fetcher()
+        # Frames are typed while pages arrive unless objects fetched by id join the lists afterwards.
+        prebuild = not any(request.ids for request in requests.values())
         job = Job(fetcher=fetcher, plans=plans, workers=self._workers, floor=self._account_floor,
-                  known_floor=self._floor, progress=progress,
-                  table_progress=table_progress, windowing=self._windowing, search_delay=self._search_lane_delay())
+                  known_floor=self._floor, progress=progress, table_progress=table_progress,
+                  windowing=self._windowing, search_delay=self._search_lane_delay(), prebuild=prebuild)
         fetcher.cancelled = lambda: job._error is not None  # noqa: SLF001
         deleted: dict[str, set[str]] = {name: set() for name in requests}
         try:
@@ -332,8 +334,9 @@ class TableRequest:
 
 @dataclass
 class Fetched:
-    """What a fetch found: a frame per table (parents and their children, built on first use, so
-    that a caller can write one table while the next is built), objects found deleted, and the cost."""
+    """What a fetch found: a frame per table (parents and their children: typed while the pages
+    arrived when nothing was retrieved by id, else built on first use, so that a caller can write
+    one table while the next is built), objects found deleted, and the cost."""
 
     names: tuple[str, ...]
     build: Callable[[str], pd.DataFrame]

@@ -17,11 +17,12 @@ answers, so rows merge by id as before; a search window that fails (no search in
 key without it, errors beyond retries, a wrong-shape answer) goes back to the list lane whole,
 and no row is lost or doubled.
 
-Workers go to the table with the most time left at its lanes' rates, and each lane (and the
-account) gets about as many requests in flight as its rate needs at the measured answer time:
-the account's budget is then spent first where the load's end is decided. `tables()` builds
-each table's typed columns every `PART_ROWS` rows while the rest is still in flight, so that
-little is left to do after the last page.
+Workers go to the table furthest behind its share of the time left (its pages over the load's
+least possible end), and each lane (and the account) gets about as many requests in flight as
+its rate needs at the measured answer time: the account's budget is then spent where the load's
+end is decided, and no table is left for last. A whole load (`tables()`, a full sync) types each
+table's columns every `PART_ROWS` rows while the rest is still in flight, so that little is left
+to do after the last page.
 
 Nothing waits forever: each attempt has a connect and a read timeout, a call may have a
 deadline, a page that would not move the cursor forward stops the fetch, and an answer that is
@@ -762,11 +763,10 @@ class Job:
     `search_delay` (seconds) turns the search lane on for plans with a `search_path`: it takes
     windows whose objects were all created longer ago than that, by Stripe's clock (None: off).
 
-    Workers go first to the table with the most time left at its lanes' rates (the one that
-    bounds the whole load), and no lane is given many more requests in flight than its rate
-    needs at the measured answer time, nor the account in all (`IN_FLIGHT_HEADROOM`): otherwise
-    every lane's threads queue on the account's budget and the longest table gets only its share
-    of them. With `prebuild`, a table's frame is built as soon as the table is complete, while
+    Workers go first to the table furthest behind its share of the time left (`_next_window`), and
+    no lane is given many more requests in flight than its rate needs at the measured answer
+    time, nor the account in all (`IN_FLIGHT_HEADROOM`): otherwise every lane's threads queue on
+    the account's budget and the longest table gets only its share of them. With `prebuild`, a table's frame is built as soon as the table is complete, while
     the others are still being fetched (`frame()` then returns it).
     """
 

@@ -751,10 +751,13 @@ class Collected:
     order: dict[str, tuple] = field(default_factory=dict)
     parts: list[tuple[list[str], Any]] = field(default_factory=list)
 
+    def newest_first(self, ids: Any) -> list[str]:
+        """`ids` newest first, like Stripe's lists; child rows in their parent's order, then list order."""
+        return sorted(ids, key=self.order.__getitem__, reverse=True)
+
     def sorted_rows(self) -> list[Any]:
-        """Newest first, like Stripe's lists; child rows in their parent's order, then list order."""
-        ids = sorted(self.rows, key=self.order.__getitem__, reverse=True)
-        return [self.rows[i] for i in ids]
+        """The rows not in a part yet, newest first."""
+        return [self.rows[i] for i in self.newest_first(self.rows)]
 
 
 class Job:
@@ -1194,10 +1197,9 @@ class Job:
         collected = self.collected[name]
         if not collected.parts:
             return shaper.frame(collected.sorted_rows()[:limit])
-        rest = collected.sorted_rows()
-        ids = [object_id for part_ids, _ in collected.parts for object_id in part_ids]
-        ids += sorted(collected.rows, key=collected.order.__getitem__, reverse=True)
-        parts = [part for _, part in collected.parts] + [shaper.part(rest)]
+        rest = collected.newest_first(collected.rows)
+        ids = [object_id for part_ids, _ in collected.parts for object_id in part_ids] + rest
+        parts = [part for _, part in collected.parts] + [shaper.part([collected.rows[i] for i in rest])]
         key = collected.order.__getitem__
         # Each part is newest first already: the sort merges runs, and the rows are read part by part.
         positions = np.asarray(sorted(range(len(ids)), key=lambda position: key(ids[position]), reverse=True)[:limit],
@@ -1284,7 +1286,7 @@ class Job:
                 batch, collected.rows = collected.rows, {}
                 # Newest first within the part: the final reordering then reads each part front to back
                 # (a random order over a table's text columns is cache misses over all of their bytes).
-                batch_ids = sorted(batch, key=collected.order.__getitem__, reverse=True)
+                batch_ids = collected.newest_first(batch)
         if batch is not None:  # typed columns now, while other threads wait on Stripe, not all at the end
             try:
                 part = self._shaper(table).part([batch[object_id] for object_id in batch_ids])
